@@ -1,0 +1,121 @@
+"""Server configuration: every option is a flag and an environment variable (LSTM_SERVE_<NAME>).
+
+Precedence: command-line flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from model.checkpoint import DEFAULT_CHECKPOINT
+from service.engine import EngineLimits
+
+ENV_PREFIX = "LSTM_SERVE_"
+
+
+@dataclass
+class ServerConfig:
+    checkpoint: str = field(default=str(DEFAULT_CHECKPOINT), metadata={"help": "checkpoint directory to serve"})
+    host: str = field(default="127.0.0.1", metadata={"help": "gRPC bind address (0.0.0.0 for all interfaces)"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
+    port_file: str = field(default="", metadata={"help": "write the bound gRPC port here once serving"})
+    metrics_host: str = field(default="", metadata={"help": "Prometheus /metrics bind address (default: --host)"})
+    metrics_port: int = field(default=9400, metadata={"help": "Prometheus /metrics port (0 = any, -1 = off)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (model compute dtype)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    log_format: str = field(default="human", metadata={"help": "human | json"})
+    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+    grace_seconds: float = field(default=10.0, metadata={"help": "on SIGTERM, finish in-flight work for this long"})
+    max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest request message"})
+    max_concurrent_rpcs: int = field(default=4096, metadata={"help": "RPCs in flight before RESOURCE_EXHAUSTED"})
+    max_sessions: int = field(default=EngineLimits.max_sessions, metadata={"help": "sessions that may exist"})
+    max_tokens_per_request: int = field(
+        default=EngineLimits.max_tokens_per_request, metadata={"help": "input tokens in one request"}
+    )
+    max_generate_tokens: int = field(
+        default=EngineLimits.max_generate_tokens, metadata={"help": "max_tokens of one Generate"}
+    )
+    default_ttl_seconds: int = field(
+        default=EngineLimits.default_ttl_seconds, metadata={"help": "idle session time-to-live"}
+    )
+    max_ttl_seconds: int = field(default=EngineLimits.max_ttl_seconds, metadata={"help": "largest ttl a session may ask"})
+    max_batch_sessions: int = field(
+        default=EngineLimits.max_batch_sessions, metadata={"help": "sessions in one engine step"}
+    )
+    max_batch_tokens: int = field(default=EngineLimits.max_batch_tokens, metadata={"help": "tokens in one engine step"})
+    max_chunk_tokens: int = field(
+        default=EngineLimits.max_chunk_tokens, metadata={"help": "tokens of one session per step (longer split)"}
+    )
+    max_queued_tokens: int = field(
+        default=EngineLimits.max_queued_tokens, metadata={"help": "tokens waiting in the engine, all sessions"}
+    )
+
+    def engine_limits(self) -> EngineLimits:
+        return EngineLimits(
+            max_sessions=self.max_sessions,
+            max_tokens_per_request=self.max_tokens_per_request,
+            max_generate_tokens=self.max_generate_tokens,
+            default_ttl_seconds=self.default_ttl_seconds,
+            max_ttl_seconds=self.max_ttl_seconds,
+            max_batch_sessions=self.max_batch_sessions,
+            max_batch_tokens=self.max_batch_tokens,
+            max_chunk_tokens=self.max_chunk_tokens,
+            max_queued_tokens=self.max_queued_tokens,
+        )
+
+
+CHOICES = {
+    "device": ["auto", "cpu", "cuda"],
+    "dtype": ["float32", "bfloat16", "float16"],
+    "log_format": ["human", "json"],
+    "log_level": ["debug", "info", "warning", "error"],
+}
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    environ = dict(os.environ) if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="lstm-serve",
+        description="Serve a recurrent language model over gRPC with per-session state and continuous batching.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in fields(ServerConfig):
+        kind: Any = {"int": int, "float": float}.get(str(f.type), str)
+        default = f.default
+        env = env_name(f.name)
+        if env in environ:
+            try:
+                default = kind(environ[env])
+            except ValueError:
+                parser.error(f"environment variable {env}={environ[env]!r} is not a valid {kind.__name__}")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=kind,
+            default=default,
+            choices=CHOICES.get(f.name),
+            help=f"{f.metadata['help']} [env {env}]",
+        )
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    parser = build_parser(environ)
+    ns = parser.parse_args(argv)
+    config = ServerConfig(**vars(ns))
+    for name in ("max_sessions", "max_tokens_per_request", "max_generate_tokens", "default_ttl_seconds",
+                 "max_ttl_seconds", "max_batch_sessions", "max_batch_tokens", "max_chunk_tokens",
+                 "max_queued_tokens", "max_message_bytes", "max_concurrent_rpcs"):
+        if getattr(config, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if config.default_ttl_seconds > config.max_ttl_seconds:
+        parser.error("--default-ttl-seconds must not exceed --max-ttl-seconds")
+    return config

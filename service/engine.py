@@ -1,0 +1,774 @@
+"""The engine: sessions, the request queue and the loop that owns the device.
+
+One dedicated thread runs the engine loop: it drains the inbox (work handed over by the
+asyncio gRPC layer), asks the scheduler what runs next, has the runner execute it as one
+batch, and hands the results back to the event loop in one call per step. The asyncio
+side never touches torch; the engine never touches grpc.
+
+Continuous batching: when the device is idle a request runs at once; while a step is
+running, new requests accumulate in the inbox and the next step takes them all (up to
+the scheduler's budgets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+import re
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.checkpoint import Checkpoint
+from model.tokenizer import CharTokenizer
+from service.logs import short_id
+from service.runner import ModelRunner, RowInput, RowOutput, SamplingParams
+from service.sampling import to_signed64
+from service.scheduler import ScheduledRow, Scheduler, StepPlan, WorkItem, WorkKind
+
+log = logging.getLogger("lstm_serve.engine")
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
+
+
+# ---- errors (the API layer maps each to a gRPC status) ------------------------------------
+
+
+class EngineError(Exception):
+    """A request the engine refuses; the message is meant for the caller."""
+
+
+class NotFoundError(EngineError):
+    pass
+
+
+class InvalidArgumentError(EngineError):
+    pass
+
+
+class AlreadyExistsError(EngineError):
+    pass
+
+
+class ResourceExhaustedError(EngineError):
+    def __init__(self, message: str, retry_after_ms: int = 100) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms  # a hint for the caller's backoff
+
+
+class PositionConflictError(EngineError):
+    def __init__(self, session_id: str, expected: int, current: int) -> None:
+        super().__init__(
+            f"expected_position {expected} does not match the session's current position {current}; "
+            f"the step was not applied"
+        )
+        self.current_position = current
+
+
+class UnavailableError(EngineError):
+    pass
+
+
+# ---- data passed to the API layer ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_sessions: int = 100_000  # sessions that may exist at once
+    max_tokens_per_request: int = 4096  # input tokens in one step or one prompt
+    max_generate_tokens: int = 4096  # max_tokens of one Generate
+    default_ttl_seconds: int = 1800  # idle time-to-live unless a session asks otherwise
+    max_ttl_seconds: int = 7 * 24 * 3600  # largest ttl a session may ask for
+    max_batch_sessions: int = 256  # sessions in one engine step
+    max_batch_tokens: int = 4096  # tokens in one engine step
+    max_chunk_tokens: int = 64  # tokens of one session in one step (longer inputs are split)
+    max_queued_tokens: int = 262_144  # tokens waiting in the engine over all sessions
+    initial_capacity: int = 64  # state slots allocated at start; the slab grows on demand
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str  # opaque id, >= 128 random bits
+    position: int  # tokens consumed so far
+    created_at: float  # wall-clock seconds since the epoch
+    expires_at: float  # wall-clock seconds since the epoch, if it stays idle
+    ttl_seconds: int  # idle time-to-live
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    top_k: int = 5  # top next tokens per input token
+    want_logprobs: bool = False  # full log-softmax per input token
+    want_hidden: bool = False  # top-layer h per input token
+
+
+@dataclass
+class StepResult:
+    session_id: str
+    position: int  # session position after the step
+    tokens: list[int]  # the input tokens, one output each
+    top_tokens: np.ndarray | None  # [n, k] int64
+    top_logprobs: np.ndarray | None  # [n, k] float32
+    logprobs: np.ndarray | None  # [n, vocab] float32
+    hidden: np.ndarray | None  # [n, hidden] float32
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    max_tokens: int  # tokens to sample
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0  # 1 = no limit
+    seed: int | None = None  # None = random
+    stop: tuple[str, ...] = ()  # stop after the generated text ends with one of these
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    token: int
+    text: str
+    logprob: float  # under the model, before temperature and filtering
+    position: int  # session position after this token
+    finish_reason: str | None  # set on the last token: "length" or "stop"
+
+
+# ---- internal records ---------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Session:
+    session_id: str
+    owner: str  # principal that created it; others get NOT_FOUND
+    slot: int  # column in the runner's state slabs
+    ttl: int  # idle seconds before expiry
+    created_at: float  # wall clock
+    last_used: float  # monotonic; expiry is last_used + ttl
+    position: int = 0
+    # The most recent step (start position, tokens, result): a retry of it is answered
+    # from here instead of being applied twice.
+    last_step: tuple[int, tuple[int, ...], StepResult] | None = None
+
+
+@dataclass(eq=False)
+class _StepJob:
+    future: asyncio.Future[StepResult]
+    expected_position: int | None
+    options: StepOptions
+    checked: bool = False  # expected_position and replay checked (on first run)
+    start_position: int = -1  # session position before this step
+    parts: list[RowOutput] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _GenerateJob:
+    queue: asyncio.Queue[GeneratedToken | BaseException | None]
+    expected_position: int | None
+    params: GenerateParams
+    seed_bits: int  # the seed as int64 bits
+    checked: bool = False  # expected_position checked (on first run)
+    text: str = ""  # generated so far, for stop strings
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+@dataclass(eq=False)
+class _ControlJob:
+    apply: Callable[[], Any]  # runs on the engine thread
+    future: asyncio.Future[Any]
+
+
+class Engine:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        limits: EngineLimits | None = None,
+        metrics: Any = None,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.tokenizer: CharTokenizer = checkpoint.tokenizer
+        self.limits = limits or EngineLimits()
+        self.metrics = metrics
+        self.device = device
+        self.dtype = dtype
+        self.runner = ModelRunner(
+            checkpoint, device, dtype, self.limits.initial_capacity, max_capacity=self.limits.max_sessions
+        )
+        self.scheduler = Scheduler(
+            self.limits.max_batch_sessions, self.limits.max_batch_tokens, self.limits.max_chunk_tokens
+        )
+        self._sessions: dict[str, _Session] = {}
+        self._expiry: list[tuple[float, str]] = []  # heap of (deadline, session_id), checked lazily
+        self._inbox: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._draining = False
+        self.steps_run = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._warm_up()
+        self._thread = threading.Thread(target=self._run, name="lstm-engine", daemon=True)
+        self._thread.start()
+
+    def _warm_up(self) -> None:
+        """One real step so the first request does not pay for lazy initialisation."""
+        slot = self.runner.allocate()
+        self.runner.execute([RowInput(slot=slot, tokens=[0], position=0, top_k=5)])
+        self.runner.execute(
+            [RowInput(slot=slot, tokens=[], position=1, sampling=SamplingParams(1.0, 0, 1.0, 0))]
+        )
+        self.runner.zero(slot)
+        self.runner.release(slot)
+
+    def begin_drain(self) -> None:
+        """Refuse new work; what is queued still runs."""
+        self._draining = True
+
+    async def drain(self, grace_seconds: float) -> None:
+        self.begin_drain()
+        deadline = time.monotonic() + grace_seconds
+        while (self.scheduler.queued_items or self._inbox) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ---- session operations (called on the event loop) ----------------------------------
+
+    def _check_accepting(self) -> None:
+        if self._draining:
+            raise UnavailableError("the server is shutting down; retry on another replica")
+
+    def _ttl(self, ttl_seconds: int | None) -> int:
+        if ttl_seconds is None:
+            return self.limits.default_ttl_seconds
+        if not 1 <= ttl_seconds <= self.limits.max_ttl_seconds:
+            raise InvalidArgumentError(
+                f"ttl_seconds must be between 1 and {self.limits.max_ttl_seconds}, got {ttl_seconds}"
+            )
+        return ttl_seconds
+
+    def _new_id(self, proposed: str, field_name: str) -> str:
+        if not proposed:
+            return secrets.token_urlsafe(16)  # 128 random bits
+        if not SESSION_ID_RE.match(proposed):
+            raise InvalidArgumentError(
+                f"{field_name} must be 22-128 URL-safe characters [A-Za-z0-9_-] (>= 128 random bits), "
+                f"got {len(proposed)} characters"
+            )
+        return proposed
+
+    def _lookup(self, owner: str, session_id: str) -> _Session:
+        record = self._sessions.get(session_id)
+        if record is None or record.owner != owner:
+            raise NotFoundError(f"session {short_id(session_id)} not found (unknown, deleted or expired)")
+        return record
+
+    def _info(self, record: _Session) -> SessionInfo:
+        idle = time.monotonic() - record.last_used
+        return SessionInfo(
+            session_id=record.session_id,
+            position=record.position,
+            created_at=record.created_at,
+            expires_at=time.time() - idle + record.ttl,
+            ttl_seconds=record.ttl,
+        )
+
+    async def _on_engine(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread (ordered with everything else in the inbox)."""
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._inbox.append(_ControlJob(fn, future))
+        self._wake.set()
+        return await future
+
+    async def _in_session_order(self, session_id: str, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread after the session's queued work."""
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        item = WorkItem(session_id, WorkKind.CONTROL, payload=_ControlJob(fn, future))
+        self._inbox.append(item)
+        self._wake.set()
+        return await future
+
+    async def create_session(self, owner: str, ttl_seconds: int | None = None, session_id: str = "") -> SessionInfo:
+        self._check_accepting()
+        ttl = self._ttl(ttl_seconds)
+        sid = self._new_id(session_id, "session_id")
+        return await self._on_engine(lambda: self._create(owner, ttl, sid))
+
+    def _create(self, owner: str, ttl: int, sid: str, copy_from: _Session | None = None) -> SessionInfo:
+        if sid in self._sessions:
+            raise AlreadyExistsError(f"session_id {short_id(sid)} is already in use")
+        if len(self._sessions) >= self.limits.max_sessions:
+            raise ResourceExhaustedError(
+                f"the server holds its maximum of {self.limits.max_sessions} sessions; "
+                "delete idle sessions or retry later",
+                retry_after_ms=1000,
+            )
+        slot = self.runner.allocate()
+        now = time.monotonic()
+        record = _Session(sid, owner, slot, ttl, time.time(), now)
+        if copy_from is not None:
+            self.runner.copy(copy_from.slot, slot)
+            record.position = copy_from.position
+        self._sessions[sid] = record
+        heapq.heappush(self._expiry, (now + ttl, sid))
+        if self.metrics is not None:
+            self.metrics.sessions_created_total.inc()
+        self._update_session_gauges()
+        return self._info(record)
+
+    async def get_session(self, owner: str, session_id: str) -> SessionInfo:
+        record = self._lookup(owner, session_id)
+        record.last_used = time.monotonic()
+        return self._info(record)
+
+    async def delete_session(self, owner: str, session_id: str) -> None:
+        self._lookup(owner, session_id)
+
+        def delete() -> None:
+            record = self._lookup(owner, session_id)
+            self._remove(record)
+            if self.metrics is not None:
+                self.metrics.sessions_deleted_total.inc()
+
+        await self._in_session_order(session_id, delete)
+
+    async def reset_session(self, owner: str, session_id: str) -> SessionInfo:
+        self._check_accepting()
+        self._lookup(owner, session_id)
+
+        def reset() -> SessionInfo:
+            record = self._lookup(owner, session_id)
+            self.runner.zero(record.slot)
+            record.position = 0
+            record.last_step = None
+            record.last_used = time.monotonic()
+            return self._info(record)
+
+        result: SessionInfo = await self._in_session_order(session_id, reset)
+        return result
+
+    async def fork_session(
+        self, owner: str, session_id: str, ttl_seconds: int | None = None, new_session_id: str = ""
+    ) -> SessionInfo:
+        self._check_accepting()
+        self._lookup(owner, session_id)
+        ttl = self._ttl(ttl_seconds)
+        new_id = self._new_id(new_session_id, "new_session_id")
+
+        def fork() -> SessionInfo:
+            source = self._lookup(owner, session_id)
+            source.last_used = time.monotonic()
+            return self._create(owner, ttl, new_id, copy_from=source)
+
+        result: SessionInfo = await self._in_session_order(session_id, fork)
+        return result
+
+    def _remove(self, record: _Session) -> None:
+        if self._sessions.pop(record.session_id, None) is not None:
+            self.runner.zero(record.slot)
+            self.runner.release(record.slot)
+            self._update_session_gauges()
+
+    def _update_session_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.sessions_active.set(len(self._sessions))
+            self.metrics.state_memory_bytes.set(self.runner.stats().bytes)
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    # ---- steps and generation (called on the event loop) ---------------------------------
+
+    def validate_tokens(self, tokens: list[int], field_name: str) -> None:
+        vocab = len(self.tokenizer)
+        if len(tokens) > self.limits.max_tokens_per_request:
+            raise InvalidArgumentError(
+                f"{field_name} has {len(tokens)} tokens; at most {self.limits.max_tokens_per_request} per request"
+            )
+        for i, t in enumerate(tokens):
+            if not 0 <= t < vocab:
+                raise InvalidArgumentError(f"{field_name}[{i}] = {t} is out of range; token ids are 0..{vocab - 1}")
+
+    def _admit(self, n_tokens: int) -> None:
+        self._check_accepting()
+        if self.scheduler.queued_tokens + n_tokens > self.limits.max_queued_tokens:
+            raise ResourceExhaustedError(
+                f"the engine queue is full ({self.scheduler.queued_tokens} tokens waiting, limit "
+                f"{self.limits.max_queued_tokens}); retry after a short backoff",
+                retry_after_ms=50,
+            )
+
+    def submit_step(
+        self,
+        owner: str,
+        session_id: str,
+        tokens: list[int],
+        expected_position: int | None = None,
+        options: StepOptions = StepOptions(),
+    ) -> tuple[asyncio.Future[StepResult], WorkItem]:
+        """Queue a step; await the future for its result, close the item to cancel it."""
+        assert self._loop is not None
+        if not tokens:
+            raise InvalidArgumentError("input is empty: set tokens or text to at least one token")
+        self.validate_tokens(tokens, "tokens")
+        if options.top_k < 0 or options.top_k > len(self.tokenizer):
+            raise InvalidArgumentError(f"top_k must be between 0 and {len(self.tokenizer)}, got {options.top_k}")
+        self._lookup(owner, session_id)
+        self._admit(len(tokens))
+        future: asyncio.Future[StepResult] = self._loop.create_future()
+        job = _StepJob(future, expected_position, options)
+        item = WorkItem(session_id, WorkKind.STEP, tokens=list(tokens), payload=job, enqueued_at=time.monotonic())
+        self._inbox.append(item)
+        self._wake.set()
+        return future, item
+
+    async def step(
+        self,
+        owner: str,
+        session_id: str,
+        tokens: list[int],
+        expected_position: int | None = None,
+        options: StepOptions = StepOptions(),
+    ) -> StepResult:
+        future, item = self.submit_step(owner, session_id, tokens, expected_position, options)
+        try:
+            return await future
+        finally:
+            if not future.done():
+                self.scheduler.close(item)
+
+    def validate_generate(self, params: GenerateParams) -> None:
+        if not 1 <= params.max_tokens <= self.limits.max_generate_tokens:
+            raise InvalidArgumentError(
+                f"max_tokens must be between 1 and {self.limits.max_generate_tokens}, got {params.max_tokens}"
+            )
+        if not math.isfinite(params.temperature) or not 0 <= params.temperature <= 100:
+            raise InvalidArgumentError(f"temperature must be a finite number in [0, 100], got {params.temperature}")
+        if not 0 <= params.top_k <= len(self.tokenizer):
+            raise InvalidArgumentError(f"top_k must be between 0 and {len(self.tokenizer)}, got {params.top_k}")
+        if not math.isfinite(params.top_p) or not 0 < params.top_p <= 1:
+            raise InvalidArgumentError(f"top_p must be in (0, 1], got {params.top_p}")
+        if len(params.stop) > 16 or any(not s or len(s) > 256 for s in params.stop):
+            raise InvalidArgumentError("stop takes at most 16 non-empty strings of at most 256 characters")
+
+    async def generate(
+        self,
+        owner: str,
+        session_id: str,
+        prompt: list[int],
+        params: GenerateParams,
+        expected_position: int | None = None,
+    ) -> AsyncIterator[GeneratedToken]:
+        assert self._loop is not None
+        self.validate_tokens(prompt, "prompt_tokens")
+        self.validate_generate(params)
+        self._lookup(owner, session_id)
+        self._admit(len(prompt) + params.max_tokens)
+        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        queue: asyncio.Queue[GeneratedToken | BaseException | None] = asyncio.Queue()
+        job = _GenerateJob(queue, expected_position, params, to_signed64(seed))
+        item = WorkItem(
+            session_id,
+            WorkKind.GENERATE,
+            tokens=list(prompt),
+            generate_tokens=params.max_tokens,
+            payload=job,
+            enqueued_at=time.monotonic(),
+        )
+        self._inbox.append(item)
+        self._wake.set()
+        try:
+            while True:
+                event = await queue.get()
+                if event is None:
+                    return
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            self.scheduler.close(item)
+
+    # ---- the engine thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        next_expiry_check = 0.0
+        while not self._stopping:
+            self._wake.clear()
+            self._drain_inbox()
+            now = time.monotonic()
+            if now >= next_expiry_check:
+                self._expire(now)
+                next_expiry_check = now + 1.0
+            plan = self.scheduler.schedule()
+            if not plan:
+                if self.metrics is not None:
+                    self.metrics.queue_depth.set(self.scheduler.queued_items)
+                self._wake.wait(timeout=1.0)
+                continue
+            try:
+                self._execute(plan)
+            except Exception:  # never let one bad step take the engine down
+                log.exception("engine step failed")
+                self._fail_plan(plan, EngineError("internal error while running the model step"))
+
+    def _drain_inbox(self) -> None:
+        deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        while self._inbox:
+            entry = self._inbox.popleft()
+            if isinstance(entry, WorkItem):
+                self.scheduler.add(entry)
+            else:
+                self._run_control(entry, deliveries)
+        self._deliver(deliveries)
+
+    def _run_control(self, job: _ControlJob, deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+        try:
+            result = job.apply()
+        except EngineError as e:
+            deliveries.append((_set_exception, (job.future, e)))
+        except Exception as e:  # a bug in one control must not stop the engine
+            log.exception("session operation failed")
+            deliveries.append((_set_exception, (job.future, EngineError(f"internal error: {type(e).__name__}"))))
+        else:
+            deliveries.append((_set_result, (job.future, result)))
+
+    def _expire(self, now: float) -> None:
+        expired = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, sid = heapq.heappop(self._expiry)
+            record = self._sessions.get(sid)
+            if record is None:
+                continue
+            deadline = record.last_used + record.ttl
+            if deadline > now or self.scheduler.pending(sid):
+                heapq.heappush(self._expiry, (max(deadline, now + 1.0), sid))
+                continue
+            self._remove(record)
+            expired += 1
+        if expired and self.metrics is not None:
+            self.metrics.sessions_expired_total.inc(expired)
+
+    def _fail_plan(self, plan: StepPlan, error: BaseException) -> None:
+        deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        for row in plan.rows:
+            self._fail_item(row.item, error, deliveries)
+        self.scheduler.complete(plan)
+        self._deliver(deliveries)
+
+    def _fail_item(
+        self, item: WorkItem, error: BaseException, deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+    ) -> None:
+        self.scheduler.close(item)
+        job = item.payload
+        if isinstance(job, _StepJob):
+            deliveries.append((_set_exception, (job.future, error)))
+        elif isinstance(job, _GenerateJob):
+            deliveries.append((job.queue.put_nowait, (error,)))
+
+    def _admit_row(
+        self, row: ScheduledRow, now: float, deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+    ) -> _Session | None:
+        """The session of a scheduled row, after first-run checks; None if the row must not run."""
+        item = row.item
+        job = item.payload
+        try:
+            record = self._sessions.get(item.session_key)
+            if record is None:
+                raise NotFoundError(f"session {short_id(item.session_key)} was deleted or expired")
+            if not job.checked:  # first time this request runs
+                job.checked = True
+                if self.metrics is not None:
+                    self.metrics.queue_wait_seconds.observe(now - item.enqueued_at)
+                expected = job.expected_position
+                if isinstance(job, _StepJob):
+                    last = record.last_step
+                    if (
+                        expected is not None
+                        and last is not None
+                        and expected == last[0]
+                        and tuple(item.tokens) == last[1]
+                        and record.position == last[0] + len(last[1])
+                    ):
+                        deliveries.append((_set_result, (job.future, last[2])))  # replay of a lost response
+                        self.scheduler.close(item)
+                        return None
+                    job.start_position = record.position
+                if expected is not None and expected != record.position:
+                    raise PositionConflictError(record.session_id, expected, record.position)
+        except EngineError as e:
+            self._fail_item(item, e, deliveries)
+            return None
+        return record
+
+    def _execute(self, plan: StepPlan) -> None:
+        started = time.monotonic()
+        deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        for control in plan.controls:
+            self._run_control(control.payload, deliveries)
+
+        rows: list[RowInput] = []
+        running: list[tuple[ScheduledRow, _Session]] = []
+        for row in plan.rows:
+            if row.item.closed:
+                continue
+            record = self._admit_row(row, started, deliveries)
+            if record is None:
+                continue
+            item, job = row.item, row.item.payload
+            if row.sample:
+                rows.append(
+                    RowInput(
+                        slot=record.slot,
+                        tokens=[],
+                        position=record.position,
+                        sampling=SamplingParams(
+                            job.params.temperature, job.params.top_k, job.params.top_p, job.seed_bits
+                        ),
+                    )
+                )
+            else:
+                chunk = item.tokens[item.done : item.done + row.num_tokens]
+                opts = job.options if isinstance(job, _StepJob) else None
+                rows.append(
+                    RowInput(
+                        slot=record.slot,
+                        tokens=chunk,
+                        position=record.position,
+                        top_k=opts.top_k if opts else 0,
+                        want_logprobs=opts.want_logprobs if opts else False,
+                        want_hidden=opts.want_hidden if opts else False,
+                    )
+                )
+            running.append((row, record))
+
+        outputs = self.runner.execute(rows) if rows else []
+        finished_at = time.monotonic()
+        input_tokens = generated = 0
+        for (row, record), out in zip(running, outputs):
+            item, job = row.item, row.item.payload
+            record.last_used = finished_at
+            if row.sample:
+                record.position += 1
+                record.last_step = None
+                generated += 1
+                self._emit_token(item, job, record, out, finished_at, deliveries)
+                continue
+            record.position += row.num_tokens
+            input_tokens += row.num_tokens
+            if isinstance(job, _StepJob):
+                job.parts.append(out)
+                if item.done + row.num_tokens == len(item.tokens):
+                    result = _join_step(record.session_id, record.position, item.tokens, job.parts)
+                    record.last_step = (job.start_position, tuple(item.tokens), result)
+                    deliveries.append((_set_result, (job.future, result)))
+            else:
+                record.last_step = None
+
+        self.scheduler.complete(plan)
+        self._deliver(deliveries)
+        self.steps_run += 1
+        m = self.metrics
+        if m is not None and rows:
+            m.step_duration_seconds.observe(finished_at - started)
+            m.batch_sessions.observe(len(rows))
+            m.batch_tokens.observe(sum(max(len(r.tokens), 1) for r in rows))
+            m.queue_depth.set(self.scheduler.queued_items)
+            if input_tokens:
+                m.tokens_total.labels(kind="input").inc(input_tokens)
+            if generated:
+                m.tokens_total.labels(kind="generated").inc(generated)
+
+    def _emit_token(
+        self,
+        item: WorkItem,
+        job: _GenerateJob,
+        record: _Session,
+        out: RowOutput,
+        now: float,
+        deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]],
+    ) -> None:
+        text = self.tokenizer.vocab[out.sampled_token]
+        job.text += text
+        finish: str | None = None
+        if any(job.text.endswith(s) for s in job.params.stop):
+            finish = "stop"
+        elif item.generate_tokens == 1:
+            finish = "length"
+        m = self.metrics
+        if m is not None:
+            if job.first_token_at is None:
+                m.time_to_first_token_seconds.observe(now - item.enqueued_at)
+            elif job.last_token_at is not None:
+                m.inter_token_latency_seconds.observe(now - job.last_token_at)
+        if job.first_token_at is None:
+            job.first_token_at = now
+        job.last_token_at = now
+        token = GeneratedToken(out.sampled_token, text, out.sampled_logprob, record.position, finish)
+        deliveries.append((job.queue.put_nowait, (token,)))
+        if finish is not None:
+            deliveries.append((job.queue.put_nowait, (None,)))
+            if finish == "stop":
+                self.scheduler.close(item)
+
+    def _deliver(self, deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+        if deliveries and self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(_run_deliveries, deliveries)
+            except RuntimeError:  # the loop closed while we were running
+                pass
+
+
+def _run_deliveries(deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+    for fn, args in deliveries:
+        fn(*args)
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _join_step(session_id: str, position: int, tokens: list[int], parts: list[RowOutput]) -> StepResult:
+    def cat(name: str) -> np.ndarray | None:
+        arrays = [getattr(p, name) for p in parts]
+        if any(a is None for a in arrays):
+            return None
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+    return StepResult(
+        session_id=session_id,
+        position=position,
+        tokens=list(tokens),
+        top_tokens=cat("top_tokens"),
+        top_logprobs=cat("top_logprobs"),
+        logprobs=cat("logprobs"),
+        hidden=cat("hidden"),
+    )

@@ -1,0 +1,214 @@
+"""The model runner: owns the model and every session's recurrent state on the device.
+
+States live in preallocated slabs, one per state tensor ([layers, capacity, hidden];
+h and c for the LSTM, h for the GRU); a session owns a slot (a column). One `execute`
+call gathers the rows of the scheduled sessions, runs the model once over the packed
+batch, scatters the new states back, computes log-softmax, top-k and sampling on the
+device, and copies the results to the host once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from model.checkpoint import Checkpoint
+from service.sampling import sample_tokens
+
+
+@dataclass
+class SamplingParams:
+    temperature: float  # 0 = greedy
+    top_k: int  # 0 = no limit
+    top_p: float  # 1.0 = no limit
+    seed: int  # int64 bits of the request's seed
+
+
+@dataclass
+class RowInput:
+    slot: int  # the session's state slot
+    tokens: list[int]  # input tokens to feed (empty for a sampling row)
+    position: int  # the session's position before this row runs
+    top_k: int = 0  # top tokens to return per input token
+    want_logprobs: bool = False  # return the full log-softmax per input token
+    want_hidden: bool = False  # return the top layer's h per input token
+    sampling: SamplingParams | None = None  # set for a sampling row
+
+
+@dataclass
+class RowOutput:
+    top_tokens: np.ndarray | None = None  # [n, k] int64, most likely first
+    top_logprobs: np.ndarray | None = None  # [n, k] float32
+    logprobs: np.ndarray | None = None  # [n, vocab] float32
+    hidden: np.ndarray | None = None  # [n, hidden] float32
+    sampled_token: int = -1  # sampling row: the token drawn and fed
+    sampled_logprob: float = 0.0  # its log-probability under the model (no temperature)
+
+
+@dataclass
+class SlabStats:
+    capacity: int  # slots allocated on the device
+    used: int  # slots owned by sessions
+    bytes: int  # device memory of the state slabs
+    slot_bytes: int = field(default=0)  # bytes of one session's state
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        initial_capacity: int = 64,
+        max_capacity: int = 100_000,
+    ) -> None:
+        self.model = checkpoint.model.to(device=device, dtype=dtype).eval()
+        self.config = checkpoint.config
+        self.device = device
+        self.dtype = dtype
+        self.max_capacity = max_capacity
+        capacity = max(1, min(initial_capacity, max_capacity))
+        shape = (self.config.num_layers, capacity, self.config.hidden_size)
+        self.slabs = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.config.state_tensors)]
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._used = 0
+
+    # ---- slots ---------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.slabs[0].shape[1]
+
+    def stats(self) -> SlabStats:
+        total = sum(s.numel() * s.element_size() for s in self.slabs)
+        return SlabStats(self.capacity, self._used, total, total // self.capacity)
+
+    def _grow(self) -> None:
+        old = self.capacity
+        if old >= self.max_capacity:
+            raise RuntimeError("state slab is at max capacity")
+        # Grow by a quarter (at least 64 slots) so spare capacity stays a small share of memory.
+        new = min(self.max_capacity, max(old + 64, old + old // 4))
+        grown = []
+        for slab in self.slabs:
+            bigger = torch.zeros((slab.shape[0], new, slab.shape[2]), device=self.device, dtype=self.dtype)
+            bigger[:, :old] = slab
+            grown.append(bigger)
+        self.slabs = grown
+        self._free.extend(range(new - 1, old - 1, -1))
+
+    def allocate(self) -> int:
+        """A zeroed slot for a new session."""
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self.zero(slot)
+        self._used += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+        self._used -= 1
+
+    @torch.inference_mode()
+    def zero(self, slot: int) -> None:
+        for slab in self.slabs:
+            slab[:, slot].zero_()
+
+    @torch.inference_mode()
+    def copy(self, src: int, dst: int) -> None:
+        for slab in self.slabs:
+            slab[:, dst] = slab[:, src]
+
+    # ---- the step ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, rows: list[RowInput]) -> list[RowOutput]:
+        model, device = self.model, self.device
+        n_rows = len(rows)
+        slots = torch.tensor([r.slot for r in rows], device=device)
+        state = [slab.index_select(1, slots) for slab in self.slabs]
+
+        lengths = [max(len(r.tokens), 1) for r in rows]
+        t_max = max(lengths)
+        host_tokens = torch.zeros((n_rows, t_max), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r.tokens:
+                host_tokens[i, : len(r.tokens)] = torch.tensor(r.tokens)
+        tokens = host_tokens.to(device, non_blocking=True)
+
+        sample_idx = [i for i, r in enumerate(rows) if r.sampling is not None]
+        sampled = sampled_logprob = None
+        if sample_idx:
+            idx = torch.tensor(sample_idx, device=device)
+            top_h = state[0][-1].index_select(0, idx)  # top layer's h: the next-token distribution
+            logp = torch.log_softmax(model.head(top_h).float(), dim=-1)
+            params = [rows[i].sampling for i in sample_idx]
+            assert all(p is not None for p in params)
+            sampled = sample_tokens(
+                logp,
+                torch.tensor([p.temperature for p in params], device=device),  # type: ignore[union-attr]
+                torch.tensor([p.top_k for p in params], device=device),  # type: ignore[union-attr]
+                torch.tensor([p.top_p for p in params], device=device),  # type: ignore[union-attr]
+                torch.tensor([p.seed for p in params], device=device),  # type: ignore[union-attr]
+                torch.tensor([rows[i].position for i in sample_idx], device=device),
+            )
+            sampled_logprob = logp.gather(1, sampled.unsqueeze(-1)).squeeze(-1)
+            tokens[idx, 0] = sampled
+
+        x = model.embedding(tokens)
+        rnn_state = (state[0], state[1]) if len(state) == 2 else state[0]
+        if all(n == t_max for n in lengths):
+            out, new_state = model.rnn(x, rnn_state)
+        else:
+            packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=True, enforce_sorted=False)
+            packed_out, new_state = model.rnn(packed, rnn_state)
+            out, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=t_max)
+        new_parts = new_state if isinstance(new_state, tuple) else (new_state,)
+        for slab, part in zip(self.slabs, new_parts):
+            slab.index_copy_(1, slots, part)
+
+        # Outputs for the input tokens of step rows (sampling rows report their token only).
+        out_rows = [i for i, r in enumerate(rows) if r.sampling is None]
+        results = [RowOutput() for _ in rows]
+        host: dict[str, np.ndarray] = {}
+        offsets: list[int] = []
+        if out_rows:
+            mask = torch.zeros((n_rows, t_max), dtype=torch.bool)
+            total = 0
+            for i in out_rows:
+                mask[i, : lengths[i]] = True
+                offsets.append(total)
+                total += lengths[i]
+            flat = out[mask.to(device)]  # [total, hidden], row-major: row by row, token by token
+            logp_all = torch.log_softmax(model.head(flat).float(), dim=-1)
+            k = max(rows[i].top_k for i in out_rows)
+            if k > 0:
+                top_lp, top_ix = logp_all.topk(min(k, logp_all.shape[-1]), dim=-1)
+                host["top_lp"], host["top_ix"] = top_lp, top_ix
+            if any(rows[i].want_logprobs for i in out_rows):
+                host["logp"] = logp_all
+            if any(rows[i].want_hidden for i in out_rows):
+                host["hidden"] = flat.float()
+        if sampled is not None and sampled_logprob is not None:
+            host["sampled"], host["sampled_lp"] = sampled, sampled_logprob
+        host = {name: t.cpu().numpy() for name, t in host.items()}  # the one copy to the host
+
+        for j, i in enumerate(out_rows):
+            r, start = rows[i], offsets[j]
+            end = start + lengths[i]
+            res = results[i]
+            if r.top_k > 0:
+                res.top_tokens = host["top_ix"][start:end, : r.top_k]
+                res.top_logprobs = host["top_lp"][start:end, : r.top_k]
+            if r.want_logprobs:
+                res.logprobs = host["logp"][start:end]
+            if r.want_hidden:
+                res.hidden = host["hidden"][start:end]
+        for j, i in enumerate(sample_idx):
+            results[i].sampled_token = int(host["sampled"][j])
+            results[i].sampled_logprob = float(host["sampled_lp"][j])
+        return results

@@ -1,0 +1,500 @@
+"""lstm-serve: the gRPC API layer. It only translates protobuf to engine calls and back.
+
+    server, port = await create_server(config)   # port 0 picks a free port
+    await server.start()
+    ...
+    await server.stop(grace=5)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from lstmserve_client.proto import lstm_service_pb2 as pb
+from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
+
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.tokenizer import UnknownCharacterError
+from service.config import ServerConfig, parse_config
+from service.engine import (
+    AlreadyExistsError,
+    Engine,
+    EngineError,
+    GenerateParams,
+    InvalidArgumentError,
+    NotFoundError,
+    PositionConflictError,
+    ResourceExhaustedError,
+    SessionInfo,
+    StepOptions,
+    StepResult,
+    UnavailableError,
+)
+from service.logs import configure_logging, short_id
+from service.metrics import Metrics, start_metrics_http_server
+
+__version__ = "0.1.0"
+log = logging.getLogger("lstm_serve.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmService"].full_name
+ANONYMOUS = ""  # the principal of every caller while authentication is off
+
+STATUS_OF: list[tuple[type[EngineError], grpc.StatusCode]] = [
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PositionConflictError, grpc.StatusCode.ABORTED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+]
+
+T = TypeVar("T")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("lstm-serve: --device cuda but CUDA is not available")
+    return torch.device(name)
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _session_pb(info: SessionInfo) -> pb.Session:
+    return pb.Session(
+        session_id=info.session_id,
+        position=info.position,
+        create_time=_timestamp(info.created_at),
+        expire_time=_timestamp(info.expires_at),
+        ttl_seconds=info.ttl_seconds,
+    )
+
+
+def _step_response(result: StepResult) -> pb.StepResponse:
+    outputs = []
+    top_t = result.top_tokens.tolist() if result.top_tokens is not None else None
+    top_l = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+    logp = result.logprobs.tolist() if result.logprobs is not None else None
+    hidden = result.hidden.tolist() if result.hidden is not None else None
+    for i, token in enumerate(result.tokens):
+        outputs.append(
+            pb.TokenOutput(
+                token=token,
+                top_tokens=top_t[i] if top_t is not None else None,
+                top_logprobs=top_l[i] if top_l is not None else None,
+                logprobs=logp[i] if logp is not None else None,
+                hidden=hidden[i] if hidden is not None else None,
+            )
+        )
+    return pb.StepResponse(session_id=result.session_id, position=result.position, outputs=outputs)
+
+
+class RpcError(Exception):
+    """A status to end an RPC with (caller mistakes found in the API layer)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailing: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.trailing = trailing
+
+
+def to_rpc_error(error: Exception) -> RpcError:
+    if isinstance(error, RpcError):
+        return error
+    if isinstance(error, EngineError):
+        trailing: tuple[tuple[str, str], ...] = ()
+        if isinstance(error, PositionConflictError):
+            trailing = (("lstm-position", str(error.current_position)),)
+        elif isinstance(error, ResourceExhaustedError):
+            trailing = (("retry-after-ms", str(error.retry_after_ms)),)
+        for cls, code in STATUS_OF:
+            if isinstance(error, cls):
+                return RpcError(code, str(error), trailing)
+        return RpcError(grpc.StatusCode.INTERNAL, str(error))
+    return RpcError(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see server logs")
+
+
+class LstmServicer(pb_grpc.LstmServiceServicer):
+    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.tokenizer = engine.tokenizer
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def principal(self, context: grpc.aio.ServicerContext) -> str:
+        return ANONYMOUS
+
+    async def _unary(
+        self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]]
+    ) -> T:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await body()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            err = to_rpc_error(e)
+            code = err.code
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            await context.abort(err.code, str(err), trailing_metadata=err.trailing)
+            raise AssertionError("unreachable")  # abort raises
+        finally:
+            self.metrics.record_request(method, code, time.perf_counter() - started)
+            log.debug("rpc %s %s %.1fms", method, code.name, (time.perf_counter() - started) * 1e3)
+
+    async def _stream(
+        self, method: str, context: grpc.aio.ServicerContext, body: AsyncIterator[T]
+    ) -> AsyncIterator[T]:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            async for message in body:
+                yield message
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            err = to_rpc_error(e)
+            code = err.code
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method)
+            await context.abort(err.code, str(err), trailing_metadata=err.trailing)
+        finally:
+            self.metrics.record_request(method, code, time.perf_counter() - started)
+            log.debug("rpc %s %s %.1fms", method, code.name, (time.perf_counter() - started) * 1e3)
+
+    def _input_tokens(self, tokens: Any, text: str, tokens_field: str, text_field: str) -> list[int]:
+        if len(tokens) and text:
+            raise InvalidArgumentError(f"set exactly one of {tokens_field} and {text_field}, not both")
+        if text:
+            if len(text) > self.engine.limits.max_tokens_per_request:
+                raise InvalidArgumentError(
+                    f"{text_field} has {len(text)} characters; at most "
+                    f"{self.engine.limits.max_tokens_per_request} per request"
+                )
+            try:
+                return self.tokenizer.encode(text)
+            except UnknownCharacterError as e:
+                raise InvalidArgumentError(f"{text_field}: {e}") from None
+        return list(tokens)
+
+    def _step_args(self, request: pb.StepRequest) -> tuple[list[int], int | None, StepOptions]:
+        if not request.session_id:
+            raise InvalidArgumentError("session_id is required")
+        tokens = self._input_tokens(request.tokens, request.text, "tokens", "text")
+        if not tokens:
+            raise InvalidArgumentError("input is empty: set tokens or text to at least one token")
+        expected = request.expected_position if request.HasField("expected_position") else None
+        top_k = request.top_k if request.HasField("top_k") else 5
+        options = StepOptions(top_k=top_k, want_logprobs=request.return_logprobs, want_hidden=request.return_hidden)
+        return tokens, expected, options
+
+    # ---- RPCs ----------------------------------------------------------------------------
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def body() -> pb.GetModelInfoResponse:
+            ckpt = self.engine.checkpoint
+            cfg = ckpt.config
+            lim = self.engine.limits
+            return pb.GetModelInfoResponse(
+                vocab=self.tokenizer.vocab,
+                cell_type=pb.CELL_TYPE_LSTM if cfg.cell_type == "lstm" else pb.CELL_TYPE_GRU,
+                num_layers=cfg.num_layers,
+                hidden_size=cfg.hidden_size,
+                embedding_size=cfg.embedding_size,
+                checkpoint_sha256=ckpt.sha256,
+                val_loss=float(ckpt.meta.get("best_val_loss") or 0.0),
+                device=self.engine.device.type,
+                dtype=str(self.engine.dtype).removeprefix("torch."),
+                limits=pb.ServerLimits(
+                    max_sessions=lim.max_sessions,
+                    max_tokens_per_request=lim.max_tokens_per_request,
+                    max_generate_tokens=lim.max_generate_tokens,
+                    max_message_bytes=self.config.max_message_bytes,
+                    default_ttl_seconds=lim.default_ttl_seconds,
+                    max_ttl_seconds=lim.max_ttl_seconds,
+                    max_batch_sessions=lim.max_batch_sessions,
+                    max_batch_tokens=lim.max_batch_tokens,
+                    max_queued_tokens=lim.max_queued_tokens,
+                ),
+                server_version=__version__,
+            )
+
+        return await self._unary("GetModelInfo", context, body)
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def body() -> pb.CreateSessionResponse:
+            ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+            info = await self.engine.create_session(self.principal(context), ttl, request.session_id)
+            log.debug("session created", extra={"session_id": short_id(info.session_id)})
+            return pb.CreateSessionResponse(session=_session_pb(info))
+
+        return await self._unary("CreateSession", context, body)
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def body() -> pb.GetSessionResponse:
+            info = await self.engine.get_session(self.principal(context), request.session_id)
+            return pb.GetSessionResponse(session=_session_pb(info))
+
+        return await self._unary("GetSession", context, body)
+
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def body() -> pb.DeleteSessionResponse:
+            await self.engine.delete_session(self.principal(context), request.session_id)
+            return pb.DeleteSessionResponse()
+
+        return await self._unary("DeleteSession", context, body)
+
+    async def ResetSession(self, request: pb.ResetSessionRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def body() -> pb.ResetSessionResponse:
+            info = await self.engine.reset_session(self.principal(context), request.session_id)
+            return pb.ResetSessionResponse(session=_session_pb(info))
+
+        return await self._unary("ResetSession", context, body)
+
+    async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def body() -> pb.ForkSessionResponse:
+            ttl = request.ttl_seconds if request.HasField("ttl_seconds") else None
+            info = await self.engine.fork_session(
+                self.principal(context), request.session_id, ttl, request.new_session_id
+            )
+            return pb.ForkSessionResponse(session=_session_pb(info))
+
+        return await self._unary("ForkSession", context, body)
+
+    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def body() -> pb.StepResponse:
+            tokens, expected, options = self._step_args(request)
+            result = await self.engine.step(self.principal(context), request.session_id, tokens, expected, options)
+            return _step_response(result)
+
+        return await self._unary("Step", context, body)
+
+    async def StreamSteps(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for response in self._stream("StreamSteps", context, self._stream_steps(request_iterator, context)):
+            yield response
+
+    async def _stream_steps(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """Requests are submitted as they arrive (so a client may pipeline), answered in order.
+
+        The stream ends at the first failing request with that request's status; requests
+        after it that have not run yet are dropped.
+        """
+        owner = self.principal(context)
+        pending: asyncio.Queue[Any] = asyncio.Queue(maxsize=1024)  # (future, item) or an error, or None
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    try:
+                        tokens, expected, options = self._step_args(request)
+                        entry: Any = self.engine.submit_step(owner, request.session_id, tokens, expected, options)
+                    except Exception as e:  # a bad request ends the stream, in order
+                        await pending.put(e)
+                        return
+                    await pending.put(entry)
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        submitted: list[Any] = []
+        try:
+            while True:
+                entry = await pending.get()
+                if entry is None:
+                    break
+                if isinstance(entry, Exception):
+                    raise entry
+                future, item = entry
+                submitted.append(item)
+                result = await future
+                submitted.remove(item)
+                yield _step_response(result)
+        finally:
+            reader.cancel()
+            for item in submitted:
+                self.engine.scheduler.close(item)
+            while not pending.empty():
+                entry = pending.get_nowait()
+                if isinstance(entry, tuple):
+                    self.engine.scheduler.close(entry[1])
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for response in self._stream("Generate", context, self._generate(request, context)):
+            yield response
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if not request.session_id:
+            raise InvalidArgumentError("session_id is required")
+        prompt = self._input_tokens(request.prompt_tokens, request.prompt_text, "prompt_tokens", "prompt_text")
+        params = GenerateParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature if request.HasField("temperature") else 1.0,
+            top_k=request.top_k if request.HasField("top_k") else 0,
+            top_p=request.top_p if request.HasField("top_p") else 1.0,
+            seed=request.seed if request.HasField("seed") else None,
+            stop=tuple(request.stop),
+        )
+        expected = request.expected_position if request.HasField("expected_position") else None
+        finish_of = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP}
+        async for token in self.engine.generate(
+            self.principal(context), request.session_id, prompt, params, expected
+        ):
+            yield pb.GenerateResponse(
+                token=token.token,
+                text=token.text,
+                logprob=token.logprob,
+                position=token.position,
+                finish_reason=finish_of.get(token.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
+            )
+
+
+class LstmServer:
+    """The gRPC server, its engine, the health service and the metrics endpoint."""
+
+    def __init__(self, config: ServerConfig, engine: Engine, metrics: Metrics, grpc_server: grpc.aio.Server) -> None:
+        self.config = config
+        self.engine = engine
+        self.metrics = metrics
+        self.grpc_server = grpc_server
+        self.health = health_aio.HealthServicer()
+        self.metrics_port: int | None = None
+        self._stop_metrics: Callable[[], None] | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        self.engine.start(asyncio.get_running_loop())
+        if self.config.metrics_port >= 0:
+            host = self.config.metrics_host or self.config.host
+            self._stop_metrics, self.metrics_port = start_metrics_http_server(
+                self.metrics, host, self.config.metrics_port
+            )
+        await self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking new work, finish what is in flight within `grace` seconds, shut down."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_seconds if grace is None else grace
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.engine.drain(grace)
+        await self.grpc_server.stop(grace=max(grace, 0.1))
+        self.engine.stop()
+        if self._stop_metrics is not None:
+            self._stop_metrics()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
+    """Load the checkpoint, build the engine and bind the gRPC port (0 = any free port).
+
+    The returned server is not started: `await server.start()`.
+    """
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dtype = _dtype(config.dtype)
+    checkpoint = load_checkpoint(config.checkpoint, device=device, dtype=dtype)
+    metrics = Metrics()
+    cfg = checkpoint.config
+    metrics.set_model_info(
+        checkpoint_sha256=checkpoint.sha256,
+        cell_type=cfg.cell_type,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        device=device.type,
+        dtype=config.dtype,
+    )
+    engine = Engine(checkpoint, device, dtype, config.engine_limits(), metrics)
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    server = LstmServer(config, engine, metrics, grpc_server)
+    pb_grpc.add_LstmServiceServicer_to_server(LstmServicer(engine, config, metrics), grpc_server)
+    health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        grpc_server,
+    )
+    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    return server, port
+
+
+async def serve(config: ServerConfig) -> int:
+    try:
+        server, port = await create_server(config)
+    except CheckpointError as e:
+        log.error("refusing to start: %s", e)
+        return 2
+    await server.start()
+    info = server.engine.checkpoint
+    log.info(
+        "serving %s (%s %dx%d, sha256 %s…) on %s:%d, metrics on :%s, device %s %s",
+        info.path, info.config.cell_type, info.config.num_layers, info.config.hidden_size, info.sha256[:12],
+        config.host, port, server.metrics_port, server.engine.device.type, config.dtype,
+    )
+    if config.port_file:
+        tmp = Path(config.port_file + ".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(config.port_file)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+    log.info("shutting down: draining for up to %.1fs", config.grace_seconds)
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    configure_logging(config.log_format, config.log_level)
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
