@@ -18,7 +18,7 @@ from torch import nn
 CellType = Literal["lstm", "gru"]
 
 # The recurrent state: (h, c) for the LSTM, h for the GRU; each [layers, batch, hidden].
-State = Union[tuple[torch.Tensor, torch.Tensor], torch.Tensor]
+State = Union[tuple[torch.Tensor, torch.Tensor], torch.Tensor]  # noqa: UP007 (a runtime alias)
 
 
 @dataclass(frozen=True)

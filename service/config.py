@@ -30,6 +30,15 @@ class ServerConfig:
     log_format: str = field(default="human", metadata={"help": "human | json"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
     grace_seconds: float = field(default=10.0, metadata={"help": "on SIGTERM, finish in-flight work for this long"})
+    auth_tokens: str = field(
+        default="", metadata={"help": "file of bearer tokens, one 'TOKEN PRINCIPAL' per line (empty = no auth)"}
+    )
+    auth_tokens_inline: str = field(
+        default="", metadata={"help": "bearer tokens as 'PRINCIPAL:TOKEN,...' (prefer the env variable)"}
+    )
+    tls_cert: str = field(default="", metadata={"help": "PEM server certificate chain (enables TLS)"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str = field(default="", metadata={"help": "PEM CA bundle; clients must present a cert (mTLS)"})
     max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest request message"})
     max_concurrent_rpcs: int = field(default=4096, metadata={"help": "RPCs in flight before RESOURCE_EXHAUSTED"})
     max_sessions: int = field(default=EngineLimits.max_sessions, metadata={"help": "sessions that may exist"})
@@ -42,7 +51,9 @@ class ServerConfig:
     default_ttl_seconds: int = field(
         default=EngineLimits.default_ttl_seconds, metadata={"help": "idle session time-to-live"}
     )
-    max_ttl_seconds: int = field(default=EngineLimits.max_ttl_seconds, metadata={"help": "largest ttl a session may ask"})
+    max_ttl_seconds: int = field(
+        default=EngineLimits.max_ttl_seconds, metadata={"help": "largest ttl a session may ask for"}
+    )
     max_batch_sessions: int = field(
         default=EngineLimits.max_batch_sessions, metadata={"help": "sessions in one engine step"}
     )
@@ -116,6 +127,10 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
                  "max_queued_tokens", "max_message_bytes", "max_concurrent_rpcs"):
         if getattr(config, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if config.tls_client_ca and not config.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     if config.default_ttl_seconds > config.max_ttl_seconds:
         parser.error("--default-ttl-seconds must not exceed --max-ttl-seconds")
     return config

@@ -28,6 +28,7 @@ from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.tokenizer import UnknownCharacterError
+from service.auth import AuthConfigError, AuthInterceptor, TokenAuth, load_tokens
 from service.config import ServerConfig, parse_config
 from service.engine import (
     AlreadyExistsError,
@@ -132,8 +133,9 @@ def to_rpc_error(error: Exception) -> RpcError:
 
 
 class LstmServicer(pb_grpc.LstmServiceServicer):
-    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig, metrics: Metrics, auth: TokenAuth | None) -> None:
         self.engine = engine
+        self.auth = auth
         self.config = config
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
@@ -141,7 +143,13 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
     # ---- helpers -------------------------------------------------------------------------
 
     def principal(self, context: grpc.aio.ServicerContext) -> str:
-        return ANONYMOUS
+        """Who is calling: the owner of the sessions it creates (the interceptor checked the token)."""
+        if self.auth is None:
+            return ANONYMOUS
+        principal = self.auth.principal(context.invocation_metadata())
+        if principal is None:  # unreachable behind the interceptor; refuse rather than share
+            raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        return principal
 
     async def _unary(
         self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]]
@@ -159,7 +167,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             if code is grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", method)
             await context.abort(err.code, str(err), trailing_metadata=err.trailing)
-            raise AssertionError("unreachable")  # abort raises
+            raise AssertionError("unreachable") from e  # abort raises
         finally:
             self.metrics.record_request(method, code, time.perf_counter() - started)
             log.debug("rpc %s %s %.1fms", method, code.name, (time.perf_counter() - started) * 1e3)
@@ -417,6 +425,17 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise StartupError(f"{path}: cannot read ({e.strerror})") from None
+
+
+class StartupError(Exception):
+    """A configuration the server cannot start with; the message says which file and why."""
+
+
 async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     """Load the checkpoint, build the engine and bind the gRPC port (0 = any free port).
 
@@ -438,7 +457,14 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
         dtype=config.dtype,
     )
     engine = Engine(checkpoint, device, dtype, config.engine_limits(), metrics)
+    tokens = load_tokens(config.auth_tokens, config.auth_tokens_inline)
+    auth = TokenAuth(tokens) if tokens else None
+    interceptors = []
+    if auth is not None:
+        denied = lambda method: metrics.record_request(method, "UNAUTHENTICATED", 0.0)  # noqa: E731
+        interceptors.append(AuthInterceptor(auth, denied))
     grpc_server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -447,13 +473,22 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     server = LstmServer(config, engine, metrics, grpc_server)
-    pb_grpc.add_LstmServiceServicer_to_server(LstmServicer(engine, config, metrics), grpc_server)
+    pb_grpc.add_LstmServiceServicer_to_server(LstmServicer(engine, config, metrics, auth), grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         grpc_server,
     )
-    port = grpc_server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        credentials = grpc.ssl_server_credentials(
+            [(_read(config.tls_key), _read(config.tls_cert))],
+            root_certificates=_read(config.tls_client_ca) if config.tls_client_ca else None,
+            require_client_auth=bool(config.tls_client_ca),
+        )
+        port = grpc_server.add_secure_port(address, credentials)
+    else:
+        port = grpc_server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     return server, port
@@ -462,7 +497,7 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
 async def serve(config: ServerConfig) -> int:
     try:
         server, port = await create_server(config)
-    except CheckpointError as e:
+    except (CheckpointError, AuthConfigError, StartupError) as e:
         log.error("refusing to start: %s", e)
         return 2
     await server.start()

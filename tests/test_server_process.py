@@ -22,7 +22,9 @@ from service.config import parse_config
 SERVER = [sys.executable, "-m", "service.server"]
 
 
-def start(checkpoint: Path, tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+def start(
+    checkpoint: Path, tmp_path: Path, *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, int]:
     port_file = tmp_path / "port"
     proc = subprocess.Popen(
         [*SERVER, "--checkpoint", str(checkpoint), "--port", "0", "--port-file", str(port_file),

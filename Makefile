@@ -1,0 +1,51 @@
+# lstm-serve: the commands the README and CI use.
+#   make serve   install, then serve the shipped default checkpoint on 127.0.0.1:50051
+#   make test    install (with dev tools), then every check and the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: install install-dev tools serve train proto lint check test bench soak
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned (==2.13.0) in pyproject.toml: an open range may pull a multi-GB CUDA build.
+install: $(BIN)/python
+	$(BIN)/pip install -q -e clients/python -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install -q -e clients/python -e '.[dev]'
+
+# promtool (Debian's prometheus package) for the metrics and deployment checks.
+tools:
+	scripts/install_tools.sh
+
+serve: install
+	$(BIN)/lstm-serve $(ARGS)
+
+# Reproduce the default checkpoint (see docs/model.md for the exact run).
+train: install
+	$(BIN)/lstm-train --data data/tinyshakespeare.txt --out runs/default --max-steps 7000 --batch-size 32 \
+	  --bptt 128 --dropout 0.3 --lr 2e-3 --min-lr 1e-4 --warmup-steps 150 --eval-interval 250 --threads 2 $(ARGS)
+
+proto: install-dev
+	PYTHON=$(BIN)/python scripts/gen_protos.sh
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/mypy model service
+
+check:
+	scripts/check_protos.sh
+	scripts/validate_deploy.sh
+	scripts/check_client_isolated.sh
+	$(BIN)/ruff check .
+
+test: install-dev tools
+	$(MAKE) check
+	$(BIN)/python -m pytest -q
+
+bench: install-dev
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
