@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from model.checkpoint import DEFAULT_CHECKPOINT
-from service.engine import EngineLimits
+from service.engine import Durability, EngineLimits
 
 ENV_PREFIX = "LSTM_SERVE_"
 
@@ -30,6 +30,17 @@ class ServerConfig:
     log_format: str = field(default="human", metadata={"help": "human | json"})
     log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
     grace_seconds: float = field(default=10.0, metadata={"help": "on SIGTERM, finish in-flight work for this long"})
+    state_dir: str = field(default="state", metadata={"help": "directory of the session state store (SQLite)"})
+    durability: str = field(
+        default="snapshot", metadata={"help": "none (memory only) | snapshot (periodic) | journal (every token)"}
+    )
+    snapshot_interval_seconds: float = field(
+        default=5.0, metadata={"help": "how often dirty sessions are snapshotted to the store"}
+    )
+    restore: str = field(default="lazy", metadata={"help": "lazy (on first use) | eager (all at start)"})
+    max_resident_sessions: int = field(
+        default=0, metadata={"help": "sessions kept on the device; idle ones beyond are evicted (0 = max-sessions)"}
+    )
     auth_tokens: str = field(
         default="", metadata={"help": "file of bearer tokens, one 'TOKEN PRINCIPAL' per line (empty = no auth)"}
     )
@@ -76,7 +87,11 @@ class ServerConfig:
             max_batch_tokens=self.max_batch_tokens,
             max_chunk_tokens=self.max_chunk_tokens,
             max_queued_tokens=self.max_queued_tokens,
+            max_resident_sessions=self.max_resident_sessions,
         )
+
+    def durability_config(self) -> Durability:
+        return Durability(self.durability, self.snapshot_interval_seconds, self.restore)
 
 
 CHOICES = {
@@ -84,6 +99,8 @@ CHOICES = {
     "dtype": ["float32", "bfloat16", "float16"],
     "log_format": ["human", "json"],
     "log_level": ["debug", "info", "warning", "error"],
+    "durability": ["none", "snapshot", "journal"],
+    "restore": ["lazy", "eager"],
 }
 
 
@@ -127,6 +144,8 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
                  "max_queued_tokens", "max_message_bytes", "max_concurrent_rpcs"):
         if getattr(config, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if config.max_resident_sessions < 0 or config.snapshot_interval_seconds <= 0:
+        parser.error("--max-resident-sessions must be >= 0 and --snapshot-interval-seconds > 0")
     if bool(config.tls_cert) != bool(config.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:

@@ -20,7 +20,7 @@ import re
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +34,7 @@ from service.logs import short_id
 from service.runner import ModelRunner, RowInput, RowOutput, SamplingParams
 from service.sampling import to_signed64
 from service.scheduler import ScheduledRow, Scheduler, StepPlan, WorkItem, WorkKind
+from service.state_store import JournalEntry, StateStore, StoredSession
 
 log = logging.getLogger("lstm_serve.engine")
 
@@ -78,6 +79,10 @@ class UnavailableError(EngineError):
     pass
 
 
+class FailedPreconditionError(EngineError):
+    pass
+
+
 # ---- data passed to the API layer ---------------------------------------------------------
 
 
@@ -93,6 +98,16 @@ class EngineLimits:
     max_chunk_tokens: int = 64  # tokens of one session in one step (longer inputs are split)
     max_queued_tokens: int = 262_144  # tokens waiting in the engine over all sessions
     initial_capacity: int = 64  # state slots allocated at start; the slab grows on demand
+    # Sessions whose state is on the device; beyond it, idle sessions are evicted to the
+    # state store (LRU). 0 = max_sessions (and without a store it is always max_sessions).
+    max_resident_sessions: int = 0
+
+
+@dataclass(frozen=True)
+class Durability:
+    mode: str = "none"  # none | snapshot | journal
+    snapshot_interval_seconds: float = 5.0  # how often dirty sessions are snapshotted
+    restore: str = "lazy"  # lazy (on first use) | eager (all at start)
 
 
 @dataclass(frozen=True)
@@ -153,6 +168,9 @@ class _Session:
     created_at: float  # wall clock
     last_used: float  # monotonic; expiry is last_used + ttl
     position: int = 0
+    dirty: bool = False  # state changed since its last snapshot in the store
+    # Set for stored sessions of another checkpoint: refused with FAILED_PRECONDITION.
+    foreign_checkpoint: str | None = None
     # The most recent step (start position, tokens, result): a retry of it is answered
     # from here instead of being applied twice.
     last_step: tuple[int, tuple[int, ...], StepResult] | None = None
@@ -194,6 +212,8 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         limits: EngineLimits | None = None,
         metrics: Any = None,
+        store: StateStore | None = None,
+        durability: Durability | None = None,
     ) -> None:
         self.checkpoint = checkpoint
         self.tokenizer: CharTokenizer = checkpoint.tokenizer
@@ -201,9 +221,21 @@ class Engine:
         self.metrics = metrics
         self.device = device
         self.dtype = dtype
+        self.store = store
+        self.durability = durability or Durability()
+        if (self.store is None) != (self.durability.mode == "none"):
+            raise ValueError("a state store goes with durability snapshot or journal, and only with them")
+        resident = self.limits.max_resident_sessions or self.limits.max_sessions
+        if self.store is None:
+            resident = self.limits.max_sessions
+        self.max_resident = max(min(resident, self.limits.max_sessions), self.limits.max_batch_sessions)
         self.runner = ModelRunner(
-            checkpoint, device, dtype, self.limits.initial_capacity, max_capacity=self.limits.max_sessions
+            checkpoint, device, dtype, self.limits.initial_capacity, max_capacity=self.max_resident
         )
+        # Resident sessions in least-recently-used order (eviction takes from the front).
+        self._resident: OrderedDict[str, None] = OrderedDict()
+        self._pinned: set[int] = set()  # slots in use by the step being prepared
+        self._last_snapshot = time.monotonic()
         self.scheduler = Scheduler(
             self.limits.max_batch_sessions, self.limits.max_batch_tokens, self.limits.max_chunk_tokens
         )
@@ -222,6 +254,8 @@ class Engine:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._warm_up()
+        if self.store is not None:
+            self._load_store()
         self._thread = threading.Thread(target=self._run, name="lstm-engine", daemon=True)
         self._thread.start()
 
@@ -246,10 +280,13 @@ class Engine:
             await asyncio.sleep(0.02)
 
     def stop(self) -> None:
+        """Stop the engine thread; with a store, snapshot every dirty session first."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=60)
+        if self.store is not None:
+            self.store.close()
 
     # ---- session operations (called on the event loop) ----------------------------------
 
@@ -324,14 +361,21 @@ class Engine:
                 "delete idle sessions or retry later",
                 retry_after_ms=1000,
             )
-        slot = self.runner.allocate()
+        if copy_from is not None:
+            self._make_resident(copy_from)
+            self._pinned.add(copy_from.slot)
+        slot = self._allocate_slot()
         now = time.monotonic()
         record = _Session(sid, owner, slot, ttl, time.time(), now)
         if copy_from is not None:
+            self._pinned.discard(copy_from.slot)
             self.runner.copy(copy_from.slot, slot)
             record.position = copy_from.position
         self._sessions[sid] = record
+        self._resident[sid] = None
         heapq.heappush(self._expiry, (now + ttl, sid))
+        if self.store is not None:  # the session exists durably before anyone hears of it
+            self.store.save_snapshots([self._snapshot_of(record, with_state=copy_from is not None)])
         if self.metrics is not None:
             self.metrics.sessions_created_total.inc()
         self._update_session_gauges()
@@ -359,10 +403,15 @@ class Engine:
 
         def reset() -> SessionInfo:
             record = self._lookup(owner, session_id)
-            self.runner.zero(record.slot)
+            self._check_model(record)
+            if record.slot >= 0:
+                self.runner.zero(record.slot)
             record.position = 0
             record.last_step = None
             record.last_used = time.monotonic()
+            if self.store is not None:
+                self.store.save_snapshots([self._snapshot_of(record, with_state=False)])
+                record.dirty = False
             return self._info(record)
 
         result: SessionInfo = await self._in_session_order(session_id, reset)
@@ -378,6 +427,7 @@ class Engine:
 
         def fork() -> SessionInfo:
             source = self._lookup(owner, session_id)
+            self._check_model(source)
             source.last_used = time.monotonic()
             return self._create(owner, ttl, new_id, copy_from=source)
 
@@ -386,9 +436,120 @@ class Engine:
 
     def _remove(self, record: _Session) -> None:
         if self._sessions.pop(record.session_id, None) is not None:
-            self.runner.zero(record.slot)
-            self.runner.release(record.slot)
+            if record.slot >= 0:
+                self._release_slot(record)
+            if self.store is not None:
+                self.store.delete([record.session_id])
             self._update_session_gauges()
+
+    # ---- residency: which sessions have their state on the device (engine thread) -------
+
+    def _check_model(self, record: _Session) -> None:
+        if record.foreign_checkpoint is not None:
+            raise FailedPreconditionError(
+                f"session {short_id(record.session_id)} holds state of checkpoint "
+                f"{record.foreign_checkpoint[:12]}…, but this server serves {self.checkpoint.sha256[:12]}…; "
+                "its state cannot be fed to another model (delete it or serve its checkpoint)"
+            )
+
+    def _allocate_slot(self) -> int:
+        """A zeroed slot; evicts the least recently used idle session if the slab is full."""
+        if self.runner.stats().used >= self.max_resident:
+            self._evict_one()
+        return self.runner.allocate()
+
+    def _release_slot(self, record: _Session) -> None:
+        self.runner.zero(record.slot)
+        self.runner.release(record.slot)
+        self._resident.pop(record.session_id, None)
+        record.slot = -1
+
+    def _evict_one(self) -> None:
+        if self.store is None:
+            raise ResourceExhaustedError("no free state slot", retry_after_ms=1000)
+        for sid in self._resident:
+            record = self._sessions[sid]
+            if record.slot in self._pinned:
+                continue
+            if record.dirty:
+                self.store.save_snapshots([self._snapshot_of(record, with_state=True)])
+                record.dirty = False
+            self._release_slot(record)
+            return
+        raise ResourceExhaustedError("every resident session is in use; retry shortly", retry_after_ms=100)
+
+    def _make_resident(self, record: _Session) -> None:
+        """Bring a stored session's state onto the device: snapshot + journal replay."""
+        if record.slot >= 0:
+            self._resident.move_to_end(record.session_id)
+            return
+        self._check_model(record)
+        assert self.store is not None
+        loaded = self.store.load(record.session_id)
+        if loaded is None:
+            raise NotFoundError(f"session {short_id(record.session_id)} is missing from the state store")
+        stored, journal = loaded
+        slot = self._allocate_slot()
+        record.slot = slot
+        self._resident[record.session_id] = None
+        if stored.state is not None:
+            self.runner.write_state(slot, stored.state)
+        position = stored.position
+        for entry in journal:
+            if entry.start_position != position:
+                log.warning("journal gap in session %s at %d", short_id(record.session_id), position)
+                break
+            tokens = entry.tokens
+            for i in range(0, len(tokens), self.limits.max_chunk_tokens):
+                chunk = tokens[i : i + self.limits.max_chunk_tokens]
+                self.runner.execute([RowInput(slot=slot, tokens=chunk, position=position)])
+                position += len(chunk)
+        record.position = position
+        record.dirty = bool(journal)
+
+    def _snapshot_of(self, record: _Session, with_state: bool) -> StoredSession:
+        idle = time.monotonic() - record.last_used
+        return StoredSession(
+            session_id=record.session_id,
+            owner=record.owner,
+            created_at=record.created_at,
+            ttl=record.ttl,
+            expires_at=time.time() - idle + record.ttl,
+            checkpoint_sha256=self.checkpoint.sha256,
+            position=record.position,
+            state=self.runner.read_state(record.slot) if with_state and record.slot >= 0 else None,
+        )
+
+    def _snapshot_dirty(self) -> None:
+        assert self.store is not None
+        dirty = [r for sid in self._resident if (r := self._sessions[sid]).dirty]
+        if dirty:
+            self.store.save_snapshots(self._snapshot_of(r, with_state=True) for r in dirty)
+            for r in dirty:
+                r.dirty = False
+        self._last_snapshot = time.monotonic()
+
+    def _load_store(self) -> None:
+        """Register the stored sessions (lazy) or restore them all (eager); purge expired ones."""
+        assert self.store is not None
+        purged = self.store.purge_expired(time.time())
+        now_wall, now = time.time(), time.monotonic()
+        for stored in self.store.sessions():
+            record = _Session(
+                stored.session_id, stored.owner, -1, stored.ttl, stored.created_at,
+                last_used=now - max(0.0, stored.ttl - (stored.expires_at - now_wall)),
+                position=stored.position,
+            )
+            if stored.checkpoint_sha256 != self.checkpoint.sha256:
+                record.foreign_checkpoint = stored.checkpoint_sha256
+            self._sessions[stored.session_id] = record
+            heapq.heappush(self._expiry, (record.last_used + record.ttl, stored.session_id))
+        if self.durability.restore == "eager":
+            for record in list(self._sessions.values())[: self.max_resident]:
+                if record.foreign_checkpoint is None:
+                    self._make_resident(record)
+        log.info("state store: %d sessions known, %d expired ones purged", len(self._sessions), len(purged))
+        self._update_session_gauges()
 
     def _update_session_gauges(self) -> None:
         if self.metrics is not None:
@@ -522,6 +683,8 @@ class Engine:
             if now >= next_expiry_check:
                 self._expire(now)
                 next_expiry_check = now + 1.0
+            if self.store is not None and now - self._last_snapshot >= self.durability.snapshot_interval_seconds:
+                self._snapshot_dirty()
             plan = self.scheduler.schedule()
             if not plan:
                 if self.metrics is not None:
@@ -532,7 +695,10 @@ class Engine:
                 self._execute(plan)
             except Exception:  # never let one bad step take the engine down
                 log.exception("engine step failed")
+                self._pinned.clear()
                 self._fail_plan(plan, EngineError("internal error while running the model step"))
+        if self.store is not None:
+            self._snapshot_dirty()  # graceful stop: nothing applied is lost
 
     def _drain_inbox(self) -> None:
         deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
@@ -598,6 +764,8 @@ class Engine:
             record = self._sessions.get(item.session_key)
             if record is None:
                 raise NotFoundError(f"session {short_id(item.session_key)} was deleted or expired")
+            self._make_resident(record)
+            self._pinned.add(record.slot)
             if not job.checked:  # first time this request runs
                 job.checked = True
                 if self.metrics is not None:
@@ -664,12 +832,19 @@ class Engine:
                 )
             running.append((row, record))
 
+        self._pinned.clear()
         outputs = self.runner.execute(rows) if rows else []
         finished_at = time.monotonic()
+        journal: list[JournalEntry] = []
         input_tokens = generated = 0
         for (row, record), out in zip(running, outputs):
             item, job = row.item, row.item.payload
             record.last_used = finished_at
+            record.dirty = True
+            self._resident.move_to_end(record.session_id)
+            if self.store is not None and self.durability.mode == "journal":
+                applied = [out.sampled_token] if row.sample else item.tokens[item.done : item.done + row.num_tokens]
+                journal.append(JournalEntry(record.session_id, record.position, applied))
             if row.sample:
                 record.position += 1
                 record.last_step = None
@@ -687,6 +862,9 @@ class Engine:
             else:
                 record.last_step = None
 
+        if journal:
+            assert self.store is not None
+            self.store.append_journal(journal)  # durable before any response of this step leaves
         self.scheduler.complete(plan)
         self._deliver(deliveries)
         self.steps_run += 1

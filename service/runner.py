@@ -119,6 +119,18 @@ class ModelRunner:
             slab[:, slot].zero_()
 
     @torch.inference_mode()
+    def read_state(self, slot: int) -> list[np.ndarray]:
+        """A slot's state tensors on the host, [layers, hidden] each."""
+        return [slab[:, slot].float().cpu().numpy() for slab in self.slabs]
+
+    @torch.inference_mode()
+    def write_state(self, slot: int, state: list[np.ndarray]) -> None:
+        if len(state) != len(self.slabs):
+            raise ValueError(f"state has {len(state)} tensors, the model keeps {len(self.slabs)}")
+        for slab, part in zip(self.slabs, state):
+            slab[:, slot] = torch.from_numpy(part).to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
     def copy(self, src: int, dst: int) -> None:
         for slab in self.slabs:
             slab[:, dst] = slab[:, src]

@@ -34,6 +34,7 @@ from service.engine import (
     AlreadyExistsError,
     Engine,
     EngineError,
+    FailedPreconditionError,
     GenerateParams,
     InvalidArgumentError,
     NotFoundError,
@@ -45,7 +46,9 @@ from service.engine import (
     UnavailableError,
 )
 from service.logs import configure_logging, short_id
+from service.malformed import MalformedRequestInterceptor
 from service.metrics import Metrics, start_metrics_http_server
+from service.state_store import SqliteStateStore, StateStoreLockedError
 
 __version__ = "0.1.0"
 log = logging.getLogger("lstm_serve.server")
@@ -59,6 +62,7 @@ STATUS_OF: list[tuple[type[EngineError], grpc.StatusCode]] = [
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PositionConflictError, grpc.StatusCode.ABORTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 T = TypeVar("T")
@@ -323,6 +327,8 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
                         await pending.put(e)
                         return
                     await pending.put(entry)
+            except Exception as e:  # reading the stream failed (a malformed message): end it with that status
+                await pending.put(e)
             finally:
                 await pending.put(None)
 
@@ -456,13 +462,17 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
         device=device.type,
         dtype=config.dtype,
     )
-    engine = Engine(checkpoint, device, dtype, config.engine_limits(), metrics)
+    store = None
+    if config.durability != "none":
+        store = SqliteStateStore(config.state_dir, durable=config.durability == "journal")
+    engine = Engine(checkpoint, device, dtype, config.engine_limits(), metrics, store, config.durability_config())
     tokens = load_tokens(config.auth_tokens, config.auth_tokens_inline)
     auth = TokenAuth(tokens) if tokens else None
-    interceptors = []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if auth is not None:
         denied = lambda method: metrics.record_request(method, "UNAUTHENTICATED", 0.0)  # noqa: E731
         interceptors.append(AuthInterceptor(auth, denied))
+    interceptors.append(MalformedRequestInterceptor())  # innermost: after auth, before the servicer
     grpc_server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -497,7 +507,7 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
 async def serve(config: ServerConfig) -> int:
     try:
         server, port = await create_server(config)
-    except (CheckpointError, AuthConfigError, StartupError) as e:
+    except (CheckpointError, AuthConfigError, StartupError, StateStoreLockedError) as e:
         log.error("refusing to start: %s", e)
         return 2
     await server.start()

@@ -81,7 +81,7 @@ def run_server(checkpoint: Path, **overrides: Any) -> Iterator[RunningServer]:
 
     config = dataclasses.replace(
         ServerConfig(), checkpoint=str(checkpoint), host="127.0.0.1", port=0, metrics_port=0,
-        grace_seconds=2.0, **overrides,
+        grace_seconds=2.0, **{"durability": "none", **overrides},
     )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-server-loop", daemon=True)

@@ -28,7 +28,7 @@ def start(
     port_file = tmp_path / "port"
     proc = subprocess.Popen(
         [*SERVER, "--checkpoint", str(checkpoint), "--port", "0", "--port-file", str(port_file),
-         "--metrics-port", "0", *extra],
+         "--metrics-port", "0", "--state-dir", str(tmp_path / "state"), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + 60
@@ -108,7 +108,7 @@ def test_refuses_to_start_on_a_bad_checkpoint(tiny_checkpoint: Path, tmp_path: P
     shutil.copytree(tiny_checkpoint, bad)
     damage(bad)
     proc = subprocess.run(
-        [*SERVER, "--checkpoint", str(bad), "--port", "0", "--metrics-port", "-1"],
+        [*SERVER, "--checkpoint", str(bad), "--port", "0", "--metrics-port", "-1", "--durability", "none"],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2

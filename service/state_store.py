@@ -1,0 +1,239 @@
+"""Durable session state: the StateStore interface and its embedded SQLite implementation.
+
+A session's durable record is a snapshot (its state tensors at some position, plus
+identity, owner, times and the checkpoint it belongs to) and a journal of the tokens
+applied since that snapshot. Restoring = load the snapshot, replay the journal through
+the model. The engine talks to the interface only, so a networked store can replace
+SQLite for several replicas.
+
+All calls come from the engine thread.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import sqlite3
+import time
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class StoredSession:
+    session_id: str
+    owner: str  # principal that created it
+    created_at: float  # wall clock, seconds since the epoch
+    ttl: int  # idle seconds before expiry
+    expires_at: float  # wall clock
+    checkpoint_sha256: str  # the model the state belongs to
+    position: int  # tokens consumed at the snapshot
+    state: list[np.ndarray] | None  # snapshot tensors [layers, hidden] each; None = zeros
+
+
+@dataclass
+class JournalEntry:
+    session_id: str
+    start_position: int  # session position before these tokens
+    tokens: list[int]  # applied tokens (input or generated), in order
+
+
+class StateStore(Protocol):
+    def sessions(self) -> Iterator[StoredSession]:
+        """Every stored session, without state tensors (state=None)."""
+        ...
+
+    def load(self, session_id: str) -> tuple[StoredSession, list[JournalEntry]] | None:
+        """A session's snapshot (with state) and the journal after it, in order."""
+        ...
+
+    def save_snapshots(self, snapshots: Iterable[StoredSession]) -> None:
+        """Write snapshots (upsert) and drop the journal behind them, in one transaction."""
+        ...
+
+    def append_journal(self, entries: Iterable[JournalEntry]) -> None:
+        """Append journal entries in one durable transaction."""
+        ...
+
+    def touch(self, expiries: Iterable[tuple[str, float]]) -> None:
+        """Move sessions' expiry times (session_id, expires_at)."""
+        ...
+
+    def delete(self, session_ids: Iterable[str]) -> None: ...
+
+    def purge_expired(self, now: float) -> list[str]:
+        """Delete sessions whose expiry passed; return their ids."""
+        ...
+
+    def close(self) -> None: ...
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    ttl INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    checkpoint_sha256 TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    state BLOB,            -- the state tensors, concatenated raw bytes; NULL = zeros
+    state_meta TEXT        -- JSON: dtype and shape of each tensor
+);
+CREATE TABLE IF NOT EXISTS journal (
+    session_id TEXT NOT NULL,
+    start_position INTEGER NOT NULL,
+    tokens BLOB NOT NULL,  -- int32 little-endian
+    PRIMARY KEY (session_id, start_position)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_at);
+"""
+
+
+def _pack_state(state: list[np.ndarray] | None) -> tuple[bytes | None, str | None]:
+    if state is None:
+        return None, None
+    meta = [{"dtype": str(a.dtype), "shape": list(a.shape)} for a in state]
+    return b"".join(np.ascontiguousarray(a).tobytes() for a in state), json.dumps(meta)
+
+
+def _unpack_state(blob: bytes | None, meta: str | None) -> list[np.ndarray] | None:
+    if blob is None or meta is None:
+        return None
+    arrays, offset = [], 0
+    for spec in json.loads(meta):
+        dtype = np.dtype(spec["dtype"])
+        count = int(np.prod(spec["shape"]))
+        arrays.append(np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape(spec["shape"]).copy())
+        offset += count * dtype.itemsize
+    return arrays
+
+
+def _pack_tokens(tokens: list[int]) -> bytes:
+    return array("i", tokens).tobytes()
+
+
+def _unpack_tokens(blob: bytes) -> list[int]:
+    out = array("i")
+    out.frombytes(blob)
+    return out.tolist()
+
+
+class StateStoreLockedError(Exception):
+    """Another server process uses this state directory."""
+
+
+class SqliteStateStore:
+    """SQLite in WAL mode under `directory`. `durable=True` fsyncs every commit (journal mode)."""
+
+    def __init__(self, directory: Path | str, durable: bool) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / "sessions.sqlite3"
+        # One server per state directory: two would restore each other's sessions.
+        self._lock = open(self.directory / "lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise StateStoreLockedError(
+                f"{self.directory}: state directory is in use by another lstm-serve process"
+            ) from None
+        # The engine thread creates and uses the connection; nothing else touches it.
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self.db.executescript(SCHEMA)
+
+    def _transaction(self) -> _Tx:
+        return _Tx(self.db)
+
+    def sessions(self) -> Iterator[StoredSession]:
+        # position includes the journal: the session's position once the journal is replayed.
+        rows = self.db.execute(
+            "SELECT s.session_id, owner, created_at, ttl, expires_at, checkpoint_sha256, "
+            "MAX(position, COALESCE(j.end_position, 0)) FROM sessions s LEFT JOIN "
+            "(SELECT session_id, MAX(start_position + length(tokens) / 4) AS end_position FROM journal "
+            "GROUP BY session_id) j ON j.session_id = s.session_id"
+        )
+        for row in rows:
+            yield StoredSession(*row, state=None)
+
+    def load(self, session_id: str) -> tuple[StoredSession, list[JournalEntry]] | None:
+        row = self.db.execute(
+            "SELECT session_id, owner, created_at, ttl, expires_at, checkpoint_sha256, position, state, state_meta "
+            "FROM sessions WHERE session_id = ?",
+            (session_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        stored = StoredSession(*row[:7], state=_unpack_state(row[7], row[8]))
+        journal = [
+            JournalEntry(session_id, start, _unpack_tokens(blob))
+            for start, blob in self.db.execute(
+                "SELECT start_position, tokens FROM journal WHERE session_id = ? AND start_position >= ? "
+                "ORDER BY start_position",
+                (session_id, stored.position),
+            )
+        ]
+        return stored, journal
+
+    def save_snapshots(self, snapshots: Iterable[StoredSession]) -> None:
+        with self._transaction():
+            for s in snapshots:
+                blob, meta = _pack_state(s.state)
+                self.db.execute(
+                    "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
+                    "expires_at=excluded.expires_at, ttl=excluded.ttl, position=excluded.position, "
+                    "state=excluded.state, state_meta=excluded.state_meta",
+                    (s.session_id, s.owner, s.created_at, s.ttl, s.expires_at, s.checkpoint_sha256, s.position,
+                     blob, meta),
+                )
+                # The snapshot holds every token applied so far: the journal before it is done.
+                self.db.execute("DELETE FROM journal WHERE session_id = ?", (s.session_id,))
+
+    def append_journal(self, entries: Iterable[JournalEntry]) -> None:
+        with self._transaction():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO journal VALUES (?, ?, ?)",
+                [(e.session_id, e.start_position, _pack_tokens(e.tokens)) for e in entries],
+            )
+
+    def touch(self, expiries: Iterable[tuple[str, float]]) -> None:
+        with self._transaction():
+            self.db.executemany(
+                "UPDATE sessions SET expires_at = ? WHERE session_id = ?", [(t, sid) for sid, t in expiries]
+            )
+
+    def delete(self, session_ids: Iterable[str]) -> None:
+        ids = [(sid,) for sid in session_ids]
+        with self._transaction():
+            self.db.executemany("DELETE FROM sessions WHERE session_id = ?", ids)
+            self.db.executemany("DELETE FROM journal WHERE session_id = ?", ids)
+
+    def purge_expired(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        expired = [r[0] for r in self.db.execute("SELECT session_id FROM sessions WHERE expires_at < ?", (now,))]
+        if expired:
+            self.delete(expired)
+        return expired
+
+    def close(self) -> None:
+        self.db.close()
+        self._lock.close()
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")

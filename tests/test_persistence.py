@@ -1,0 +1,286 @@
+"""Sessions survive restarts and crashes; outputs continue exactly as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from lstmserve_client.proto import lstm_service_pb2 as pb
+from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
+
+from model.checkpoint import load_checkpoint
+from service.state_store import SqliteStateStore, StateStoreLockedError
+from tests.conftest import corpus_text, make_checkpoint, run_server
+
+TOL = 1e-5
+
+
+def offline_logprobs(ckpt, tokens: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        logits, _ = ckpt.model(torch.tensor([tokens]))
+        return torch.log_softmax(logits[0].float(), dim=-1).numpy()
+
+
+def logprobs_of(responses) -> np.ndarray:
+    return np.array([list(o.logprobs) for r in responses for o in r.outputs], dtype=np.float32)
+
+
+def session_texts(n: int, length: int, seed: int) -> list[str]:
+    corpus, rng = corpus_text(), random.Random(seed)
+    starts = [rng.randrange(0, len(corpus) - length) for _ in range(n)]
+    return [corpus[s : s + length] for s in starts]
+
+
+class ServerProcess:
+    """lstm-serve as a child process on port 0 with a given state directory."""
+
+    def __init__(self, checkpoint: Path, state_dir: Path, tmp: Path, *extra: str) -> None:
+        port_file = tmp / f"port-{time.monotonic_ns()}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.server", "--checkpoint", str(checkpoint), "--port", "0",
+             "--port-file", str(port_file), "--metrics-port", "-1", "--state-dir", str(state_dir), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"server did not start: {self.proc.stdout.read() if self.proc.stdout else ''}")
+            time.sleep(0.05)
+        self.target = f"127.0.0.1:{int(port_file.read_text())}"
+
+    def stop(self, sig: int) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_checkpoint: Path):
+    return load_checkpoint(tiny_checkpoint)
+
+
+def test_graceful_restart_continues_exactly(tiny_checkpoint: Path, offline, tmp_path: Path) -> None:
+    tok = offline.tokenizer
+    texts = [tok.encode(t) for t in session_texts(6, 240, seed=11)]
+    state = tmp_path / "state"
+    server = ServerProcess(tiny_checkpoint, state, tmp_path, "--durability", "snapshot",
+                           "--snapshot-interval-seconds", "3600")  # only the shutdown snapshot counts
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            ids = [stub.CreateSession(pb.CreateSessionRequest()).session.session_id for _ in texts]
+            rng = random.Random(0)
+            cut = [rng.randint(20, 200) for _ in texts]
+            for sid, tokens, c in zip(ids, texts, cut):
+                stub.Step(pb.StepRequest(session_id=sid, tokens=tokens[:c]))
+        assert server.stop(signal.SIGTERM) == 0
+    finally:
+        server.kill()
+
+    server = ServerProcess(tiny_checkpoint, state, tmp_path)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            for sid, tokens, c in zip(ids, texts, cut):
+                assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).session.position == c
+                r = stub.Step(pb.StepRequest(session_id=sid, tokens=tokens[c:], expected_position=c,
+                                             return_logprobs=True))
+                assert r.position == len(tokens)
+                assert np.abs(logprobs_of([r]) - offline_logprobs(offline, tokens)[c:]).max() <= TOL
+    finally:
+        server.stop(signal.SIGTERM)
+        server.kill()
+
+
+def feed_until_killed(target: str, ids: list[str], texts: list[list[int]], acked: dict[str, int],
+                      log: list[tuple[float, str, int]], stop: threading.Event) -> None:
+    """Feed every session over one bidi stream each, chunk by chunk, recording acknowledgements."""
+
+    def run(sid: str, tokens: list[int], seed: int) -> None:
+        rng = random.Random(seed)
+        chunks, i = [], 0
+        while i < len(tokens):
+            n = rng.randint(1, 12)
+            chunks.append((i, tokens[i : i + n]))
+            i += n
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+
+            def requests():
+                for start, chunk in chunks:
+                    if stop.is_set():
+                        return
+                    yield pb.StepRequest(session_id=sid, tokens=chunk, expected_position=start, top_k=0)
+                    time.sleep(0.002)
+
+            try:
+                for response in stub.StreamSteps(requests()):
+                    acked[sid] = response.position
+                    log.append((time.monotonic(), sid, response.position))
+            except grpc.RpcError:
+                pass  # the server was killed under us
+
+    threads = [threading.Thread(target=run, args=(sid, t, i), daemon=True) for i, (sid, t) in enumerate(zip(ids, texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+
+def chunk_boundaries(tokens: list[int], seed: int) -> set[int]:
+    rng, i, out = random.Random(seed), 0, {0}
+    while i < len(tokens):
+        i += rng.randint(1, 12)
+        out.add(min(i, len(tokens)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["journal", "snapshot"])
+def test_crash_kill9_resumes_after_last_acknowledged_token(tiny_checkpoint: Path, offline, tmp_path: Path,
+                                                            mode: str) -> None:
+    tok = offline.tokenizer
+    texts = [tok.encode(t) for t in session_texts(8, 3000, seed=21)]
+    state = tmp_path / "state"
+    interval = 1.0
+    server = ServerProcess(tiny_checkpoint, state, tmp_path, "--durability", mode,
+                           "--snapshot-interval-seconds", str(interval))
+    acked: dict[str, int] = {}
+    log: list[tuple[float, str, int]] = []
+    stop = threading.Event()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            ids = [stub.CreateSession(pb.CreateSessionRequest()).session.session_id for _ in texts]
+        feeder = threading.Thread(target=feed_until_killed, args=(server.target, ids, texts, acked, log, stop))
+        feeder.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len(acked) < len(ids) or min(acked.values()) < 300):
+            time.sleep(0.05)
+        time.sleep(interval * 1.5)  # let snapshots happen while the streams run
+        killed_at = time.monotonic()
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        stop.set()
+        feeder.join(timeout=60)
+    finally:
+        server.kill()
+    assert all(0 < acked[sid] < len(t) for sid, t in zip(ids, texts)), "the crash must hit mid-stream"
+
+    server = ServerProcess(tiny_checkpoint, state, tmp_path, "--durability", mode)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            for i, (sid, tokens) in enumerate(zip(ids, texts)):
+                position = stub.GetSession(pb.GetSessionRequest(session_id=sid)).session.position
+                if mode == "journal":
+                    # No acknowledged token is lost: at most steps whose answer was cut off are extra.
+                    assert position >= acked[sid]
+                else:
+                    # Snapshot mode loses at most one interval (+ the time a snapshot takes).
+                    bound = max([p for t, s, p in log if s == sid and t <= killed_at - interval - 0.5], default=0)
+                    assert position >= bound
+                assert position in chunk_boundaries(tokens, i)  # whole steps only
+                rest = tokens[position : position + 200]
+                r = stub.Step(pb.StepRequest(session_id=sid, tokens=rest, expected_position=position,
+                                             return_logprobs=True))
+                want = offline_logprobs(offline, tokens[: position + len(rest)])[position:]
+                assert np.abs(logprobs_of([r]) - want).max() <= TOL
+    finally:
+        server.stop(signal.SIGTERM)
+        server.kill()
+
+
+def test_eviction_more_sessions_than_slab_capacity(tiny_checkpoint: Path, offline, tmp_path: Path) -> None:
+    tok = offline.tokenizer
+    texts = [tok.encode(t) for t in session_texts(20, 120, seed=31)]
+    with run_server(tiny_checkpoint, durability="snapshot", state_dir=str(tmp_path / "s"),
+                    max_resident_sessions=4, max_batch_sessions=4) as srv:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            ids = [stub.CreateSession(pb.CreateSessionRequest()).session.session_id for _ in texts]
+            responses: dict[str, list] = {sid: [] for sid in ids}
+            rng = random.Random(5)
+            cursor = dict.fromkeys(ids, 0)
+            while any(cursor[s] < len(t) for s, t in zip(ids, texts)):  # round-robin over all 20
+                for sid, tokens in zip(ids, texts):
+                    if cursor[sid] < len(tokens):
+                        n = rng.randint(1, 30)
+                        chunk = tokens[cursor[sid] : cursor[sid] + n]
+                        responses[sid].append(stub.Step(pb.StepRequest(session_id=sid, tokens=chunk,
+                                                                       return_logprobs=True)))
+                        cursor[sid] += len(chunk)
+            fork = stub.ForkSession(pb.ForkSessionRequest(session_id=ids[0])).session
+            assert fork.position == len(texts[0])
+        assert srv.engine.runner.stats().used <= 4
+    for sid, tokens in zip(ids, texts):
+        assert np.abs(logprobs_of(responses[sid]) - offline_logprobs(offline, tokens)).max() <= TOL
+
+
+def test_sessions_of_another_checkpoint_are_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    other = make_checkpoint(tmp_path / "other", seed=99)
+    state = str(tmp_path / "s")
+    with run_server(tiny_checkpoint, durability="snapshot", state_dir=state) as srv:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            stub.Step(pb.StepRequest(session_id=sid, text="Some state"))
+    with run_server(other, durability="snapshot", state_dir=state) as srv:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).session.position == 10
+            for call in (
+                lambda: stub.Step(pb.StepRequest(session_id=sid, text="more")),
+                lambda: stub.ForkSession(pb.ForkSessionRequest(session_id=sid)),
+                lambda: list(stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=2))),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "another model" in err.value.details()
+            stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+
+
+def test_expired_sessions_are_purged_and_eager_restore(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    state = str(tmp_path / "s")
+    with run_server(tiny_checkpoint, durability="snapshot", state_dir=state) as srv:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            short = stub.CreateSession(pb.CreateSessionRequest(ttl_seconds=1)).session.session_id
+            keep = [stub.CreateSession(pb.CreateSessionRequest()).session.session_id for _ in range(3)]
+            for sid in keep:
+                stub.Step(pb.StepRequest(session_id=sid, text="abc"))
+    time.sleep(1.5)
+    with run_server(tiny_checkpoint, durability="snapshot", state_dir=state, restore="eager") as srv:
+        assert srv.engine.session_count == 3
+        assert srv.engine.runner.stats().used == 3  # eager: all on the device at start
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetSession(pb.GetSessionRequest(session_id=short))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert all(stub.GetSession(pb.GetSessionRequest(session_id=s)).session.position == 3 for s in keep)
+
+
+def test_one_server_per_state_directory(tmp_path: Path) -> None:
+    first = SqliteStateStore(tmp_path, durable=False)
+    try:
+        with pytest.raises(StateStoreLockedError, match="in use by another"):
+            SqliteStateStore(tmp_path, durable=False)
+    finally:
+        first.close()
+    SqliteStateStore(tmp_path, durable=False).close()  # free again
