@@ -135,7 +135,9 @@ def feed_until_killed(target: str, ids: list[str], texts: list[list[int]], acked
             except grpc.RpcError:
                 pass  # the server was killed under us
 
-    threads = [threading.Thread(target=run, args=(sid, t, i), daemon=True) for i, (sid, t) in enumerate(zip(ids, texts))]
+    threads = [
+        threading.Thread(target=run, args=(sid, t, i), daemon=True) for i, (sid, t) in enumerate(zip(ids, texts))
+    ]
     for t in threads:
         t.start()
     for t in threads:
