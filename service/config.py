@@ -24,20 +24,20 @@ class ServerConfig:
     port_file: str = field(default="", metadata={"help": "write the bound gRPC port here once serving"})
     metrics_host: str = field(default="", metadata={"help": "Prometheus /metrics bind address (default: --host)"})
     metrics_port: int = field(default=9400, metadata={"help": "Prometheus /metrics port (0 = any, -1 = off)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 (model compute dtype)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda (auto: cuda when available)"})
+    dtype: str = field(default="float32", metadata={"help": "model compute dtype: float32, bfloat16 or float16"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
-    log_format: str = field(default="human", metadata={"help": "human | json"})
-    log_level: str = field(default="info", metadata={"help": "debug | info | warning | error"})
+    log_format: str = field(default="human", metadata={"help": "human or json (one object per line)"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     grace_seconds: float = field(default=10.0, metadata={"help": "on SIGTERM, finish in-flight work for this long"})
     state_dir: str = field(default="state", metadata={"help": "directory of the session state store (SQLite)"})
     durability: str = field(
-        default="snapshot", metadata={"help": "none (memory only) | snapshot (periodic) | journal (every token)"}
+        default="snapshot", metadata={"help": "none (memory only), snapshot (periodic) or journal (every token, fsynced)"}
     )
     snapshot_interval_seconds: float = field(
         default=5.0, metadata={"help": "how often dirty sessions are snapshotted to the store"}
     )
-    restore: str = field(default="lazy", metadata={"help": "lazy (on first use) | eager (all at start)"})
+    restore: str = field(default="lazy", metadata={"help": "restore stored sessions lazily (on first use) or eagerly (at start)"})
     max_resident_sessions: int = field(
         default=0, metadata={"help": "sessions kept on the device; idle ones beyond are evicted (0 = max-sessions)"}
     )
