@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import signal
 import sys
@@ -143,6 +144,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         self.config = config
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
+        self._request_ids = itertools.count(1)
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -156,7 +158,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         return principal
 
     async def _unary(
-        self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]]
+        self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]], request: Any
     ) -> T:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -173,11 +175,10 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             await context.abort(err.code, str(err), trailing_metadata=err.trailing)
             raise AssertionError("unreachable") from e  # abort raises
         finally:
-            self.metrics.record_request(method, code, time.perf_counter() - started)
-            log.debug("rpc %s %s %.1fms", method, code.name, (time.perf_counter() - started) * 1e3)
+            self._finished(method, code, started, context, request)
 
     async def _stream(
-        self, method: str, context: grpc.aio.ServicerContext, body: AsyncIterator[T]
+        self, method: str, context: grpc.aio.ServicerContext, body: AsyncIterator[T], request: Any = None
     ) -> AsyncIterator[T]:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -194,8 +195,20 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
                 log.exception("%s failed", method)
             await context.abort(err.code, str(err), trailing_metadata=err.trailing)
         finally:
-            self.metrics.record_request(method, code, time.perf_counter() - started)
-            log.debug("rpc %s %s %.1fms", method, code.name, (time.perf_counter() - started) * 1e3)
+            self._finished(method, code, started, context, request)
+
+    def _finished(
+        self, method: str, code: grpc.StatusCode, started: float, context: grpc.aio.ServicerContext, request: Any
+    ) -> None:
+        seconds = time.perf_counter() - started
+        self.metrics.record_request(method, code, seconds)
+        if log.isEnabledFor(logging.DEBUG):  # one line per served request, at debug level only
+            log.debug(
+                "rpc %s %s %.2fms", method, code.name, seconds * 1e3,
+                extra={"request_id": f"{next(self._request_ids):x}", "method": method, "code": code.name,
+                       "session_id": short_id(getattr(request, "session_id", "") or ""),
+                       "peer": context.peer(), "duration_ms": round(seconds * 1e3, 3)},
+            )
 
     def _input_tokens(self, tokens: Any, text: str, tokens_field: str, text_field: str) -> list[int]:
         if len(tokens) and text:
@@ -254,7 +267,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
                 server_version=__version__,
             )
 
-        return await self._unary("GetModelInfo", context, body)
+        return await self._unary("GetModelInfo", context, body, request)
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.CreateSessionResponse:
@@ -263,28 +276,28 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             log.debug("session created", extra={"session_id": short_id(info.session_id)})
             return pb.CreateSessionResponse(session=_session_pb(info))
 
-        return await self._unary("CreateSession", context, body)
+        return await self._unary("CreateSession", context, body, request)
 
     async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.GetSessionResponse:
             info = await self.engine.get_session(self.principal(context), request.session_id)
             return pb.GetSessionResponse(session=_session_pb(info))
 
-        return await self._unary("GetSession", context, body)
+        return await self._unary("GetSession", context, body, request)
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.DeleteSessionResponse:
             await self.engine.delete_session(self.principal(context), request.session_id)
             return pb.DeleteSessionResponse()
 
-        return await self._unary("DeleteSession", context, body)
+        return await self._unary("DeleteSession", context, body, request)
 
     async def ResetSession(self, request: pb.ResetSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.ResetSessionResponse:
             info = await self.engine.reset_session(self.principal(context), request.session_id)
             return pb.ResetSessionResponse(session=_session_pb(info))
 
-        return await self._unary("ResetSession", context, body)
+        return await self._unary("ResetSession", context, body, request)
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.ForkSessionResponse:
@@ -294,7 +307,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             )
             return pb.ForkSessionResponse(session=_session_pb(info))
 
-        return await self._unary("ForkSession", context, body)
+        return await self._unary("ForkSession", context, body, request)
 
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.StepResponse:
@@ -302,7 +315,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             result = await self.engine.step(self.principal(context), request.session_id, tokens, expected, options)
             return _step_response(result)
 
-        return await self._unary("Step", context, body)
+        return await self._unary("Step", context, body, request)
 
     async def StreamSteps(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async for response in self._stream("StreamSteps", context, self._stream_steps(request_iterator, context)):
@@ -356,7 +369,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
                     self.engine.scheduler.close(entry[1])
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async for response in self._stream("Generate", context, self._generate(request, context)):
+        async for response in self._stream("Generate", context, self._generate(request, context), request):
             yield response
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
