@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -413,6 +415,12 @@ def train(args: TrainArgs) -> dict[str, Any]:
     model.train()
     window_tokens, window_start = 0, time.monotonic()
     stopped_by_budget = False
+    # SIGTERM/SIGINT: finish the current step, save the resume state, exit (resume later).
+    interrupted: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda signum, frame: interrupted.append(signum))
     while progress["step"] < args.max_steps:
         step = progress["step"]
         lr = lr_at(step, args)
@@ -448,7 +456,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             bar.set_postfix(loss=f"{loss_value:.3f}", gnorm=f"{grad_norm:.2f}", tok_s=f"{tps:,.0f}")
         bar.update(1)
 
-        budget_hit = args.time_budget > 0 and time.monotonic() - started >= args.time_budget
+        budget_hit = bool(interrupted) or (args.time_budget > 0 and time.monotonic() - started >= args.time_budget)
         if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_steps:
             val_loss = evaluate(model, val_ids, device)
             best = progress["best_val_loss"]
@@ -470,8 +478,11 @@ def train(args: TrainArgs) -> dict[str, Any]:
             stopped_by_budget = True
             break
     bar.close()
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
     if stopped_by_budget:
-        print(f"lstm-train: time budget reached at step {progress['step']}; continue with "
+        why = "interrupted" if interrupted else "time budget reached"
+        print(f"lstm-train: {why} at step {progress['step']}; state saved, continue with "
               f"--resume {out}", file=sys.stderr)
     else:
         print(f"lstm-train: done, best val {progress['best_val_loss']:.4f} nats/char at step "

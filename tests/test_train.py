@@ -357,3 +357,31 @@ def test_lr_schedule_without_warmup():
     args = TrainArgs(lr=2e-3, min_lr=2e-4, warmup_steps=0, max_steps=100)
     assert lr_at(0, args) == pytest.approx(2e-3)
     assert lr_at(100, args) == pytest.approx(2e-4)
+
+
+def test_sigterm_saves_resume_state_and_exits_cleanly(tmp_path: Path) -> None:
+    """A long run stopped by SIGTERM saves where it was; --resume continues from there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "corpus.txt"
+    data.write_text((Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt").read_text()[:60_000])
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "model.train", "--data", str(data), "--out", str(out), "--max-steps", "100000",
+         "--hidden-size", "32", "--embedding-size", "8", "--batch-size", "8", "--bptt", "16",
+         "--eval-interval", "100000", "--log-interval", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 5) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "interrupted at step" in output
+    saved = json.loads((out / "resume" / "train_state.json").read_text())["progress"]["step"]
+    assert 5 <= saved < 100000
