@@ -146,11 +146,14 @@ class ModelRunner:
 
         lengths = [max(len(r.tokens), 1) for r in rows]
         t_max = max(lengths)
-        host_tokens = torch.zeros((n_rows, t_max), dtype=torch.long)
-        for i, r in enumerate(rows):
-            if r.tokens:
-                host_tokens[i, : len(r.tokens)] = torch.tensor(r.tokens)
-        tokens = host_tokens.to(device, non_blocking=True)
+        uniform = all(n == t_max for n in lengths)
+        # One host tensor built from one flat list (padding with 0; sampling rows get their token later).
+        flat_tokens: list[int] = []
+        for r in rows:
+            flat_tokens.extend(r.tokens or (0,))
+            if not uniform:
+                flat_tokens.extend([0] * (t_max - max(len(r.tokens), 1)))
+        tokens = torch.tensor(flat_tokens, dtype=torch.long).view(n_rows, t_max).to(device, non_blocking=True)
 
         sample_idx = [i for i, r in enumerate(rows) if r.sampling is not None]
         sampled = sampled_logprob = None
@@ -173,7 +176,7 @@ class ModelRunner:
 
         x = model.embedding(tokens)
         rnn_state = (state[0], state[1]) if len(state) == 2 else state[0]
-        if all(n == t_max for n in lengths):
+        if uniform:
             out, new_state = model.rnn(x, rnn_state)
         else:
             packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=True, enforce_sorted=False)
@@ -189,13 +192,15 @@ class ModelRunner:
         host: dict[str, np.ndarray] = {}
         offsets: list[int] = []
         if out_rows:
-            mask = torch.zeros((n_rows, t_max), dtype=torch.bool)
             total = 0
             for i in out_rows:
-                mask[i, : lengths[i]] = True
                 offsets.append(total)
                 total += lengths[i]
-            flat = out[mask.to(device)]  # [total, hidden], row-major: row by row, token by token
+            if uniform and len(out_rows) == n_rows:
+                flat = out.reshape(n_rows * t_max, -1)
+            else:  # the valid positions of the output rows, row by row, token by token
+                index = [i * t_max + j for i in out_rows for j in range(lengths[i])]
+                flat = out.reshape(n_rows * t_max, -1).index_select(0, torch.tensor(index, device=device))
             logp_all = torch.log_softmax(model.head(flat).float(), dim=-1)
             k = max(rows[i].top_k for i in out_rows)
             if k > 0:
