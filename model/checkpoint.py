@@ -65,7 +65,9 @@ def write_dir_atomically(target: Path, fill: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         fill(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint is read by other users (containers)
         for f in tmp.iterdir():
+            os.chmod(f, 0o644)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         old = None
