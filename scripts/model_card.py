@@ -73,7 +73,7 @@ A character-level recurrent language model (`model/model.py`): embedding -> {cfg
 
 | | |
 | --- | --- |
-| cell | {cfg.cell_type} (`nn.{'LSTM' if cfg.cell_type == 'lstm' else 'GRU'}`; equivalence to the textbook equations is tested) |
+| cell | {cfg.cell_type} (`nn.{cfg.cell_type.upper()}`; tested equal to the textbook equations) |
 | layers x hidden | {cfg.num_layers} x {cfg.hidden_size} |
 | embedding | {cfg.embedding_size} |
 | vocabulary | {cfg.vocab_size} characters (from the corpus) |

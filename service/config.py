@@ -32,12 +32,15 @@ class ServerConfig:
     grace_seconds: float = field(default=10.0, metadata={"help": "on SIGTERM, finish in-flight work for this long"})
     state_dir: str = field(default="state", metadata={"help": "directory of the session state store (SQLite)"})
     durability: str = field(
-        default="snapshot", metadata={"help": "none (memory only), snapshot (periodic) or journal (every token, fsynced)"}
+        default="snapshot",
+        metadata={"help": "none (memory only), snapshot (periodic) or journal (every token, fsynced)"},
     )
     snapshot_interval_seconds: float = field(
         default=5.0, metadata={"help": "how often dirty sessions are snapshotted to the store"}
     )
-    restore: str = field(default="lazy", metadata={"help": "restore stored sessions lazily (on first use) or eagerly (at start)"})
+    restore: str = field(
+        default="lazy", metadata={"help": "restore stored sessions lazily (on first use) or eagerly (at start)"}
+    )
     max_resident_sessions: int = field(
         default=0, metadata={"help": "sessions kept on the device; idle ones beyond are evicted (0 = max-sessions)"}
     )

@@ -242,6 +242,9 @@ class Engine:
         self._sessions: dict[str, _Session] = {}
         self._expiry: list[tuple[float, str]] = []  # heap of (deadline, session_id), checked lazily
         self._inbox: deque[Any] = deque()
+        # Tokens admitted but still in the inbox (not yet counted by the scheduler); guarded by _admission.
+        self._inbox_tokens = 0
+        self._admission = threading.Lock()
         self._wake = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -440,6 +443,9 @@ class Engine:
                 self._release_slot(record)
             if self.store is not None:
                 self.store.delete([record.session_id])
+            if len(self._expiry) > 2 * len(self._sessions) + 1024:  # drop entries of removed sessions
+                self._expiry = [(d, sid) for d, sid in self._expiry if sid in self._sessions]
+                heapq.heapify(self._expiry)
             self._update_session_gauges()
 
     # ---- residency: which sessions have their state on the device (engine thread) -------
@@ -573,13 +579,17 @@ class Engine:
                 raise InvalidArgumentError(f"{field_name}[{i}] = {t} is out of range; token ids are 0..{vocab - 1}")
 
     def _admit(self, n_tokens: int) -> None:
+        """Count n_tokens against max_queued_tokens; the caller then puts its item in the inbox."""
         self._check_accepting()
-        if self.scheduler.queued_tokens + n_tokens > self.limits.max_queued_tokens:
-            raise ResourceExhaustedError(
-                f"the engine queue is full ({self.scheduler.queued_tokens} tokens waiting, limit "
-                f"{self.limits.max_queued_tokens}); retry after a short backoff",
-                retry_after_ms=50,
-            )
+        with self._admission:
+            waiting = self.scheduler.queued_tokens + self._inbox_tokens
+            if waiting + n_tokens > self.limits.max_queued_tokens:
+                raise ResourceExhaustedError(
+                    f"the engine queue is full ({waiting} tokens waiting, limit "
+                    f"{self.limits.max_queued_tokens}); retry after a short backoff",
+                    retry_after_ms=50,
+                )
+            self._inbox_tokens += n_tokens
 
     def submit_step(
         self,
@@ -617,7 +627,7 @@ class Engine:
         try:
             return await future
         finally:
-            if not future.done():
+            if not future.done() or future.cancelled():  # a cancelled await cancels the future too
                 self.scheduler.close(item)
 
     def validate_generate(self, params: GenerateParams) -> None:
@@ -705,7 +715,9 @@ class Engine:
         while self._inbox:
             entry = self._inbox.popleft()
             if isinstance(entry, WorkItem):
-                self.scheduler.add(entry)
+                with self._admission:  # from the inbox's count to the scheduler's, atomically
+                    self._inbox_tokens -= entry.pending_tokens
+                    self.scheduler.add(entry)
             else:
                 self._run_control(entry, deliveries)
         self._deliver(deliveries)

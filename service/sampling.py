@@ -56,7 +56,10 @@ def sample_tokens(
     logits = logits.float()
     vocab = logits.shape[-1]
     greedy = temperature <= 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
+    # Shift each row's largest logit to 0 first: a tiny temperature then sends the others towards -inf, never
+    # to inf (logits / 1e-40 overflows float32, the softmax turns to nan and the pick is token 0).
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    scaled = shifted / torch.where(greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
     sorted_logits, sorted_idx = scaled.sort(dim=-1, descending=True, stable=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)

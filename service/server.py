@@ -366,6 +366,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             while not pending.empty():
                 entry = pending.get_nowait()
                 if isinstance(entry, tuple):
+                    entry[0].cancel()  # never awaited now: no "Future exception was never retrieved"
                     self.engine.scheduler.close(entry[1])
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
