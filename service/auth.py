@@ -65,8 +65,9 @@ class TokenAuth:
     def principal(self, metadata: Any) -> str | None:
         """The principal of a call's 'authorization: Bearer TOKEN' metadata, or None."""
         for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                digest = _digest(value[len("Bearer ") :].strip())
+            scheme, _, credentials = value.partition(" ") if isinstance(value, str) else ("", "", "")
+            if key == "authorization" and scheme.lower() == "bearer":  # schemes are case-insensitive
+                digest = _digest(credentials.strip())
                 for known, principal in self.tokens.items():
                     if hmac.compare_digest(known, digest):
                         return principal

@@ -317,6 +317,8 @@ class Engine:
         return proposed
 
     def _lookup(self, owner: str, session_id: str) -> _Session:
+        if not session_id:
+            raise InvalidArgumentError("session_id is required")
         record = self._sessions.get(session_id)
         if record is None or record.owner != owner:
             raise NotFoundError(f"session {short_id(session_id)} not found (unknown, deleted or expired)")

@@ -670,6 +670,8 @@ def test_fuzz_session_rpcs(world: World, spec: dict[str, Any]) -> None:
         request = pb.ForkSessionRequest(session_id=sid, new_session_id=new_id, **ttl_kw)
         if too_big(request):
             allowed = {EXHAUSTED}
+        elif not sid:
+            allowed = {INVALID}
         elif not exists:
             allowed = {NOT_FOUND}
         elif not ttl_ok(ttl) or not id_ok(new_id):
@@ -693,7 +695,8 @@ def test_fuzz_session_rpcs(world: World, spec: dict[str, Any]) -> None:
     }[op]
     code, details, response = unary(fn, request)
     world.record(code, op, details)
-    assert code == (EXHAUSTED if too_big(request) else OK if exists else NOT_FOUND), (op, code, details)
+    want = EXHAUSTED if too_big(request) else INVALID if not sid else OK if exists else NOT_FOUND
+    assert code == want, (op, code, details)
     if code == NOT_FOUND and len(sid) > 8:
         assert sid not in details
     if code == OK and op == "get" and model is not None:
