@@ -27,7 +27,7 @@ serve: install
 
 # Reproduce the default checkpoint (see docs/model.md for the exact run).
 train: install
-	$(BIN)/lstm-train --data data/tinyshakespeare.txt --out runs/default --max-steps 7000 --batch-size 32 \
+	$(BIN)/lstm-train --data data/tinyshakespeare.txt --out runs/default --max-steps 4250 --batch-size 32 \
 	  --bptt 128 --dropout 0.3 --lr 2e-3 --min-lr 1e-4 --warmup-steps 150 --eval-interval 250 --threads 2 $(ARGS)
 
 proto: install-dev
