@@ -10,6 +10,7 @@ device, and copies the results to the host once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from model.checkpoint import Checkpoint
 from service.sampling import sample_tokens
+
+# Single steps of up to this many sessions run through the per-layer cell kernels.
+CELL_KERNEL_MAX_BATCH = 128
 
 
 @dataclass
@@ -74,6 +78,11 @@ class ModelRunner:
         shape = (self.config.num_layers, capacity, self.config.hidden_size)
         self.slabs = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.config.state_tensors)]
         self._free: list[int] = list(range(capacity - 1, -1, -1))
+        rnn = self.model.rnn
+        self._layer_weights = [
+            tuple(getattr(rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            for layer in range(self.config.num_layers)
+        ]
         self._used = 0
 
     # ---- slots ---------------------------------------------------------------------------
@@ -138,6 +147,27 @@ class ModelRunner:
 
     # ---- the step ------------------------------------------------------------------------
 
+    def _single_step(self, x: torch.Tensor, state: list[torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        """One time step through the fused per-layer cells (the same weights as nn.LSTM/nn.GRU).
+
+        For one token per session the sequence kernel of nn.LSTM pays a fixed overhead that
+        dominates at small batches; measured on this CPU (2x512, float32) the cells are ~4x
+        faster at batch 1-8, ~1.3x at 64 and even at 256, so single steps use them.
+        """
+        inp = x
+        hs, cs = [], []
+        for layer in range(self.config.num_layers):
+            weights = self._layer_weights[layer]
+            if len(state) == 2:
+                h, c = torch._VF.lstm_cell(inp, (state[0][layer], state[1][layer]), *weights)
+                cs.append(c)
+            else:
+                h = torch._VF.gru_cell(inp, state[0][layer], *weights)
+            hs.append(h)
+            inp = h  # dropout is off at inference, as in nn.LSTM's eval mode
+        new_state = (torch.stack(hs), torch.stack(cs)) if cs else torch.stack(hs)
+        return inp.unsqueeze(1), new_state
+
     @torch.inference_mode()
     def execute(self, rows: list[RowInput]) -> list[RowOutput]:
         model, device = self.model, self.device
@@ -177,7 +207,9 @@ class ModelRunner:
 
         x = model.embedding(tokens)
         rnn_state = (state[0], state[1]) if len(state) == 2 else state[0]
-        if uniform:
+        if t_max == 1 and n_rows <= CELL_KERNEL_MAX_BATCH:
+            out, new_state = self._single_step(x[:, 0], state)
+        elif uniform:
             out, new_state = model.rnn(x, rnn_state)
         else:
             packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=True, enforce_sorted=False)
