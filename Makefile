@@ -47,5 +47,10 @@ test: install-dev tools
 	$(MAKE) check
 	$(BIN)/python -m pytest -q
 
-bench: install-dev
+# The benchmark sweep (served vs offline vs unbatched); writes docs/benchmarks.md. Quick: ARGS=--quick
+bench: install
+	$(BIN)/lstm-bench sweep $(ARGS)
+
+# Long soak and other slow tests, on request only.
+soak: install-dev
 	$(BIN)/python -m pytest -q -m slow $(ARGS)

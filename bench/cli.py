@@ -1,0 +1,266 @@
+"""The lstm-bench command line.
+
+    lstm-bench load     --spawn | --target HOST:PORT   one or more load cells
+    lstm-bench offline  --model reference --batch 64   the model step with no server
+    lstm-bench sweep    [--quick]                      everything; writes docs/benchmarks.md
+    lstm-bench render   docs/benchmarks.json           re-render the document and plots from a sweep's JSON
+    lstm-bench memory   --sessions 100000              idle-session RSS vs raw state bytes
+    lstm-bench reference                               write the reference checkpoint, print its path
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.loadgen import MODES, TOKEN_SOURCES, BenchError, LoadSpec, check_loopback, run_load
+from bench.models import cache_dir, reference_checkpoint, resolve_model
+from bench.spawn import SpawnedServer, parse_cpus
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_server_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="reference",
+                   help="for --spawn / offline: 'reference' (2x512 LSTM, random weights), 'default' "
+                        "(checkpoints/default) or a checkpoint directory")
+    p.add_argument("--server-args", default="", help="extra lstm-serve flags for --spawn, e.g. '--threads 1'")
+    p.add_argument("--server-cpus", default=None, help="run the spawned server under taskset -c CPUS (e.g. 0)")
+    p.add_argument("--cache-dir", default=str(cache_dir()), help="where the reference checkpoint is written")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lstm-bench", description="Benchmarks for lstm-serve (loopback only).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("load", help="run load against a server", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", help="HOST:PORT of a running lstm-serve (loopback only)")
+    where.add_argument("--spawn", action="store_true", help="start lstm-serve as a subprocess on a free port")
+    _add_server_options(p)
+    p.add_argument("--unbatched", action="store_true", help="with --spawn: add --max-batch-sessions 1")
+    p.add_argument("--client-cpus", default=None, help="pin this process (the load generator) to CPUS")
+    p.add_argument("--mode", choices=MODES, default="closed")
+    p.add_argument("--sessions", type=_ints, default=[8], help="concurrent sessions (comma list = several cells)")
+    p.add_argument("--chunk", type=_ints, default=[1], help="tokens per request (comma list = several cells)")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
+    p.add_argument("--requests", type=int, default=0, help="measured requests per cell at most (0 = no bound)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load excluded from the statistics")
+    p.add_argument("--rate", type=float, default=0.0, help="open loop: aggregate requests/s (Poisson)")
+    p.add_argument("--tokens", choices=TOKEN_SOURCES, default="random", help="input token source")
+    p.add_argument("--generate-tokens", type=int, default=32, help="generate: max_tokens per Generate")
+    p.add_argument("--channels", type=int, default=1, help="gRPC connections to spread the sessions over")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+    p.add_argument("--markdown", type=Path, default=None, help="write the Markdown table here (it is also printed)")
+    p.add_argument("--plot", type=Path, default=None, help="write a latency CDF PNG here")
+
+    p = sub.add_parser("offline", help="the model step alone (no server): the limit a server can approach",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="reference", help="'reference', 'default' or a checkpoint directory")
+    p.add_argument("--cache-dir", default=str(cache_dir()))
+    p.add_argument("--batch", type=_ints, default=[1, 8, 64, 256], help="sessions per step (comma list)")
+    p.add_argument("--chunk", type=_ints, default=[1], help="tokens per session per step (comma list)")
+    p.add_argument("--sessions", type=int, default=0, help="state slots to walk over (0 = batch)")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
+    p.add_argument("--steps", type=int, default=0, help="measured steps per cell at most (0 = no bound)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--quiet", action="store_true", help="do not print the table")
+
+    p = sub.add_parser("sweep", help="the full benchmark; writes docs/benchmarks.md, docs/img/*.png")
+    p.add_argument("--quick", action="store_true",
+                   help="a small version (~6 min): N 1,8,64,256, 3 s cells, 10,000 sessions in the memory check")
+    p.add_argument("--models", default="default,reference",
+                   help="comma list: default, reference or checkpoint directories (default: default,reference)")
+    p.add_argument("--sessions", type=_ints, default=None, help="N values (default 1,8,64,256,1024)")
+    p.add_argument("--chunks", type=_ints, default=None, help="chunk sizes (default 1,16)")
+    p.add_argument("--duration", type=float, default=None, help="measured seconds per cell (default 10)")
+    p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per cell (default 2)")
+    p.add_argument("--requests", type=int, default=None, help="measured requests per cell at most")
+    p.add_argument("--offline-duration", type=float, default=None)
+    p.add_argument("--open-fractions", type=_floats, default=None,
+                   help="open-loop rates as fractions of the closed-loop req/s at 256 sessions (default 0.5,0.8)")
+    p.add_argument("--generate-sessions", type=_ints, default=None)
+    p.add_argument("--generate-tokens", type=int, default=None)
+    p.add_argument("--memory-sessions", type=int, default=None, help="idle sessions for the memory check (0 = skip)")
+    p.add_argument("--no-unbatched", action="store_true", help="skip the --max-batch-sessions 1 server")
+    p.add_argument("--server-args", default="", help="extra lstm-serve flags for every spawned server ('--threads 1')")
+    p.add_argument("--server-cpus", default=None, help="taskset -c CPUS for the server and offline runs (e.g. 0)")
+    p.add_argument("--client-cpus", default=None, help="CPUs of the load generator (e.g. 1)")
+    p.add_argument("--out", default=None, help="the Markdown document (default docs/benchmarks.md)")
+    p.add_argument("--img-dir", default=None, help="where the PNGs go (default docs/img)")
+    p.add_argument("--json", default=None, help="the raw results (default docs/benchmarks.json)")
+    p.add_argument("--cache-dir", default=None)
+
+    p = sub.add_parser("render", help="re-render the document and plots from a sweep's JSON",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("json", type=Path, help="a sweep's raw results (docs/benchmarks.json)")
+    p.add_argument("--out", default=None, help="the Markdown document (default: benchmarks.md beside the JSON)")
+    p.add_argument("--img-dir", default=None, help="where the PNGs go (default: img/ beside the JSON)")
+
+    p = sub.add_parser("memory", help="idle-session RSS overhead vs raw state bytes",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_server_options(p)
+    p.add_argument("--sessions", type=int, default=100_000)
+    p.add_argument("--json", type=Path, default=None)
+
+    p = sub.add_parser("reference", help="write the reference checkpoint (if missing) and print its path")
+    p.add_argument("--cache-dir", default=str(cache_dir()))
+    return parser
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    if args.target:
+        check_loopback(args.target)  # refuse before anything else happens
+    if args.client_cpus:
+        os.sched_setaffinity(0, parse_cpus(args.client_cpus))
+    server: SpawnedServer | None = None
+    target = args.target
+    if args.spawn:
+        extra = shlex.split(args.server_args) + (["--max-batch-sessions", "1"] if args.unbatched else [])
+        cpus = args.server_cpus
+        if cpus is None and args.client_cpus:
+            cpus = ",".join(map(str, range(os.cpu_count() or 1)))  # do not inherit the client's pinning
+        server = SpawnedServer(resolve_model(args.model, Path(args.cache_dir)), extra, cpus=cpus).start()
+        target = server.target
+    results: list[dict[str, Any]] = []
+    try:
+        for chunk in args.chunk:
+            for n in args.sessions:
+                spec = LoadSpec(target=target, mode=args.mode, sessions=n, chunk=chunk, duration=args.duration,
+                                max_requests=args.requests, warmup=args.warmup, rate=args.rate, tokens=args.tokens,
+                                generate_tokens=args.generate_tokens, channels=args.channels, seed=args.seed)
+                result = asyncio.run(run_load(spec))
+                results.append(result)
+                print(f"N={n} chunk={chunk}: {result['tokens_per_s']:,.0f} tok/s, "
+                      f"p99 {(result['latency_ms'] or {}).get('p99', 0):.1f} ms, errors {result['error_count']}",
+                      file=sys.stderr)
+    finally:
+        if server is not None:
+            server.stop()
+    return _emit(results, args.json, args.markdown, getattr(args, "plot", None))
+
+
+def _emit(results: list[dict[str, Any]], json_path: Path | None, md_path: Path | None, plot: Path | None,
+          quiet: bool = False) -> int:
+    md = report.render_results(results)
+    if not quiet:
+        print(md)
+    if json_path:
+        report.write_json(json_path, results)
+    if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(md)
+    if plot:
+        report.plot_results_cdf(results, plot)
+    return 1 if any(r.get("error_count") for r in results) else 0
+
+
+def cmd_offline(args: argparse.Namespace) -> int:
+    from bench.offline import OfflineSpec, run_offline
+
+    checkpoint = resolve_model(args.model, Path(args.cache_dir))
+    results = []
+    for chunk in args.chunk:
+        for batch in args.batch:
+            spec = OfflineSpec(checkpoint=str(checkpoint), batch=batch, chunk=chunk, sessions=args.sessions,
+                               duration=args.duration, max_steps=args.steps, device=args.device, dtype=args.dtype,
+                               threads=args.threads)
+            results.append(run_offline(spec))
+    return _emit(results, args.json, None, None, quiet=args.quiet)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from bench.sweep import SweepConfig, run_sweep
+
+    overrides: dict[str, Any] = {"models": [m for m in args.models.split(",") if m]}
+    for name, key in (("sessions", "sessions"), ("chunks", "chunks"), ("duration", "duration"),
+                      ("warmup", "warmup"), ("requests", "max_requests"), ("offline_duration", "offline_duration"),
+                      ("open_fractions", "open_fractions"), ("generate_sessions", "generate_sessions"),
+                      ("generate_tokens", "generate_tokens"), ("memory_sessions", "memory_sessions"),
+                      ("out", "out"), ("img_dir", "img_dir"), ("json", "json_out"), ("cache_dir", "cache")):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[key] = value
+    overrides.update(unbatched=not args.no_unbatched, server_args=shlex.split(args.server_args),
+                     server_cpus=args.server_cpus, client_cpus=args.client_cpus)
+    cfg = SweepConfig.quick_config(**overrides) if args.quick else SweepConfig(**overrides)
+    run_sweep(cfg)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.sweep import write_outputs
+
+    try:
+        sweep = json.loads(args.json.read_text())
+    except (OSError, ValueError) as e:
+        raise BenchError(f"{args.json}: cannot read sweep results ({e})") from None
+    out = Path(args.out) if args.out else args.json.with_name("benchmarks.md")
+    img_dir = Path(args.img_dir) if args.img_dir else args.json.parent / "img"
+    write_outputs(sweep, out, img_dir, None)
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from bench.sweep import memory_check
+
+    checkpoint = resolve_model(args.model, Path(args.cache_dir))
+    result = memory_check(checkpoint, args.sessions, shlex.split(args.server_args), args.server_cpus, args.model)
+    print(report.render_memory(result))
+    if args.json:
+        report.write_json(args.json, result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "load":
+            return cmd_load(args)
+        if args.command == "offline":
+            return cmd_offline(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
+        if args.command == "render":
+            return cmd_render(args)
+        if args.command == "memory":
+            return cmd_memory(args)
+        print(reference_checkpoint(Path(args.cache_dir)))
+        return 0
+    except BenchError as e:
+        print(f"lstm-bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,537 @@
+"""The load generator: N concurrent sessions against lstm-serve over grpc.aio.
+
+It uses the generated stubs directly (not the client library) so that the client's own
+overhead stays small. Modes:
+
+closed    each session keeps one StreamSteps stream and sends its next chunk when the
+          previous answer arrives (concurrency = N requests in flight).
+open      requests arrive as a Poisson process at `rate` per second in aggregate, spread
+          round-robin over the N sessions and written to each session's stream at their
+          scheduled time whether or not earlier answers have come back; latency is
+          measured from the scheduled send time, so queueing (in the server or in this
+          client) is counted, never hidden.
+generate  each session calls Generate(max_tokens) in a closed loop; reports time to
+          first token and inter-token latency.
+
+A run is bounded by duration and, optionally, by a request count (whichever comes
+first). Requests sent during the warm-up are excluded from every statistic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from lstmserve_client.proto import lstm_service_pb2 as pb
+from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
+
+from bench.stats import cdf_points_ms, summarize_ms
+
+CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"
+MODES = ("closed", "open", "generate")
+TOKEN_SOURCES = ("random", "corpus")
+now = time.perf_counter
+
+
+class BenchError(Exception):
+    """A benchmark that cannot run as asked; the message says why."""
+
+
+# ---- targets ---------------------------------------------------------------------------
+
+
+def split_target(target: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host, port)."""
+    if "://" in target or target.count("/"):
+        raise BenchError(f"target {target!r}: expected HOST:PORT (no scheme)")
+    if target.startswith("["):
+        host, sep, rest = target[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if not sep:
+            raise BenchError(f"target {target!r}: unbalanced '['")
+    else:
+        host, sep, port_text = target.rpartition(":")
+        if not sep:
+            raise BenchError(f"target {target!r}: expected HOST:PORT")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise BenchError(f"target {target!r}: port must be a number") from None
+    if not 0 < port < 65536:
+        raise BenchError(f"target {target!r}: port out of range")
+    return host, port
+
+
+def check_loopback(target: str) -> str:
+    """The target as a gRPC address if it is a loopback address; BenchError otherwise.
+
+    Accepted: 127.0.0.0/8, localhost, ::1. Names other than localhost are not resolved
+    (a name could point anywhere), so they are refused.
+    """
+    host, port = split_target(target)
+    if host.lower() == "localhost":
+        return f"localhost:{port}"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise BenchError(
+            f"refusing target {target!r}: lstm-bench only loads loopback servers (127.0.0.0/8, localhost, ::1)"
+        ) from None
+    if not ip.is_loopback:
+        raise BenchError(
+            f"refusing target {target!r}: {ip} is not a loopback address (127.0.0.0/8, localhost, ::1)"
+        )
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+# ---- the spec ----------------------------------------------------------------------------
+
+
+@dataclass
+class LoadSpec:
+    target: str  # HOST:PORT, loopback only
+    mode: str = "closed"  # closed | open | generate
+    sessions: int = 8  # concurrent sessions
+    chunk: int = 1  # input tokens per request (1 = token by token; generate: prompt length)
+    duration: float = 10.0  # measured seconds (after the warm-up)
+    max_requests: int = 0  # measured requests to send at most (0 = bounded by duration only)
+    warmup: float = 1.0  # seconds of load before measuring starts
+    rate: float = 0.0  # open loop: aggregate requests per second
+    tokens: str = "random"  # random | corpus
+    generate_tokens: int = 32  # generate: max_tokens of each Generate
+    top_k: int = 5  # top_k asked for in each StepRequest
+    channels: int = 1  # gRPC channels (connections) the sessions are spread over
+    seed: int = 0
+    drain_timeout: float = 30.0  # after the end, wait this long for answers still due
+    label: str = ""  # free text carried into the result
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise BenchError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.tokens not in TOKEN_SOURCES:
+            raise BenchError(f"tokens must be one of {', '.join(TOKEN_SOURCES)}, got {self.tokens!r}")
+        if self.sessions < 1 or self.chunk < 1 or self.channels < 1:
+            raise BenchError("sessions, chunk and channels must be >= 1")
+        if self.duration <= 0 or self.warmup < 0 or self.max_requests < 0:
+            raise BenchError("duration must be > 0, warmup and max_requests >= 0")
+        if self.mode == "open" and self.rate <= 0:
+            raise BenchError("open loop needs --rate > 0 (aggregate requests per second)")
+        if self.mode == "generate" and self.generate_tokens < 1:
+            raise BenchError("generate needs --generate-tokens >= 1")
+
+
+# ---- token sources -------------------------------------------------------------------------
+
+
+class TokenSource:
+    """Input tokens for one session: random ids, or consecutive corpus text from a random offset."""
+
+    def __init__(self, pool: np.ndarray, start: int) -> None:
+        self.pool = pool
+        self.pos = start % len(pool)
+
+    def next(self, n: int) -> list[int]:
+        pool, pos = self.pool, self.pos
+        if pos + n <= len(pool):
+            out = pool[pos : pos + n]
+        else:
+            out = np.concatenate([pool[pos:], pool[: (pos + n) % len(pool)]])
+        self.pos = (pos + n) % len(pool)
+        return out.tolist()  # type: ignore[no-any-return]
+
+
+def token_pool(kind: str, vocab: list[str], seed: int) -> np.ndarray:
+    if kind == "random":
+        return np.random.default_rng(seed).integers(0, len(vocab), size=1 << 16, dtype=np.int64)
+    index = {ch: i for i, ch in enumerate(vocab)}
+    text = CORPUS.read_text(encoding="utf-8")
+    ids = [index[ch] for ch in text if ch in index]
+    if not ids:
+        raise BenchError(f"{CORPUS}: no character of the corpus is in the model's vocabulary")
+    return np.asarray(ids, dtype=np.int64)
+
+
+# ---- recording -----------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self, warm_end: float, max_requests: int) -> None:
+        self.warm_end = warm_end
+        self.max_requests = max_requests
+        self.sent = 0  # measured requests sent (for the count bound)
+        self.latencies: list[float] = []
+        self.ttft: list[float] = []
+        self.itl: list[float] = []
+        self.send_lag: list[float] = []
+        self.requests = 0
+        self.tokens = 0
+        self.warmup_requests = 0
+        self.last_done = warm_end
+        self.errors: Counter[str] = Counter()
+        self.warmup_errors: Counter[str] = Counter()
+
+    def measured(self, t_send: float) -> bool:
+        return t_send >= self.warm_end
+
+    def take(self) -> bool:
+        """Count one measured request against the request bound; False once it is spent."""
+        if self.max_requests and self.sent >= self.max_requests:
+            return False
+        self.sent += 1
+        return True
+
+    def ok(self, t_send: float, t_done: float, n_tokens: int, measured: bool) -> None:
+        if not measured:
+            self.warmup_requests += 1
+            return
+        self.latencies.append(t_done - t_send)
+        self.requests += 1
+        self.tokens += n_tokens
+        if t_done > self.last_done:
+            self.last_done = t_done
+
+    def error(self, code: str, measured: bool) -> None:
+        (self.errors if measured else self.warmup_errors)[code] += 1
+
+
+def _code(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return str(e.code().name)
+    return type(e).__name__
+
+
+# ---- closed loop ---------------------------------------------------------------------------
+
+
+async def _closed_session(
+    stub: pb_grpc.LstmServiceStub, sid: str, src: TokenSource, spec: LoadSpec, rec: Recorder, deadline: float
+) -> None:
+    call: Any = None
+    try:
+        while True:
+            t0 = now()
+            if t0 >= deadline:
+                break
+            measured = rec.measured(t0)
+            if measured and not rec.take():
+                break
+            if call is None:
+                call = stub.StreamSteps()
+            try:
+                await call.write(pb.StepRequest(session_id=sid, tokens=src.next(spec.chunk), top_k=spec.top_k))
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    raise BenchError("stream ended without an answer")
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, BenchError) as e:
+                rec.error(_code(e) if not isinstance(e, BenchError) else "EOF", measured)
+                call.cancel()
+                call = None
+                await asyncio.sleep(0.01)
+                continue
+            rec.ok(t0, now(), len(resp.outputs), measured)
+    finally:
+        if call is not None:
+            try:
+                await call.done_writing()
+                await asyncio.wait_for(call.read(), timeout=spec.drain_timeout)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, asyncio.TimeoutError):
+                call.cancel()
+
+
+# ---- open loop -----------------------------------------------------------------------------
+
+
+class _Stream:
+    """One StreamSteps call and the scheduled times of its unanswered requests, in order."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+        self.inflight: deque[tuple[float, bool]] = deque()
+        self.dead = False
+        self.reader: asyncio.Task[None] | None = None
+
+
+class _OpenSession:
+    def __init__(self, stub: pb_grpc.LstmServiceStub, sid: str, src: TokenSource, spec: LoadSpec,
+                 rec: Recorder) -> None:
+        self.stub, self.sid, self.src, self.spec, self.rec = stub, sid, src, spec, rec
+        self.queue: asyncio.Queue[tuple[float, bool] | None] = asyncio.Queue()
+        self.streams: list[_Stream] = []
+
+    def _fail(self, st: _Stream, code: str) -> None:
+        # Synchronous: either a request was appended before this (and is counted here),
+        # or the writer sees `dead` and opens a new stream.
+        for _, measured in st.inflight:
+            self.rec.error(code, measured)
+        st.inflight.clear()
+        st.dead = True
+
+    async def _read(self, st: _Stream) -> None:
+        rec = self.rec
+        try:
+            while True:
+                resp = await st.call.read()
+                if resp is grpc.aio.EOF:
+                    break
+                t = now()
+                t_sched, measured = st.inflight.popleft()
+                rec.ok(t_sched, t, len(resp.outputs), measured)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+            self._fail(st, _code(e))
+            return
+        self._fail(st, "UNANSWERED")  # EOF with requests outstanding: should not happen
+
+    async def write_loop(self) -> None:
+        st: _Stream | None = None
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                break
+            if st is None or st.dead:
+                st = _Stream(self.stub.StreamSteps())
+                st.reader = asyncio.create_task(self._read(st))
+                self.streams.append(st)
+            t_sched, measured = item
+            st.inflight.append(item)
+            if measured:
+                self.rec.send_lag.append(now() - t_sched)
+            try:
+                await st.call.write(
+                    pb.StepRequest(session_id=self.sid, tokens=self.src.next(self.spec.chunk), top_k=self.spec.top_k)
+                )
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # the reader sees the failure and counts every unanswered request
+        if st is not None and not st.dead:
+            try:
+                await st.call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass
+
+    async def finish(self, timeout: float) -> None:
+        readers = [st.reader for st in self.streams if st.reader is not None]
+        if readers:
+            _, pending = await asyncio.wait(readers, timeout=timeout)
+            for st in self.streams:
+                if st.reader in pending:
+                    self._fail(st, "DRAIN_TIMEOUT")
+                    st.call.cancel()
+                    st.reader.cancel()  # type: ignore[union-attr]
+
+
+async def _open_loop(sessions: list[_OpenSession], spec: LoadSpec, rec: Recorder, start: float,
+                     deadline: float) -> None:
+    rng = random.Random(spec.seed)
+    writers = [asyncio.create_task(s.write_loop()) for s in sessions]
+    t = start
+    i = 0
+    while True:
+        t += rng.expovariate(spec.rate)
+        if t >= deadline:
+            break
+        measured = rec.measured(t)
+        if measured and not rec.take():
+            break
+        delay = t - now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sessions[i % len(sessions)].queue.put_nowait((t, measured))
+        i += 1
+    for s in sessions:
+        s.queue.put_nowait(None)
+    await asyncio.gather(*writers)
+    finish_by = now() + spec.drain_timeout
+    for s in sessions:
+        await s.finish(max(0.0, finish_by - now()))
+
+
+# ---- generate ------------------------------------------------------------------------------
+
+
+async def _generate_session(
+    stub: pb_grpc.LstmServiceStub, sid: str, src: TokenSource, spec: LoadSpec, rec: Recorder, deadline: float,
+    seed: int,
+) -> None:
+    rng = random.Random(seed)
+    while True:
+        t0 = now()
+        if t0 >= deadline:
+            break
+        measured = rec.measured(t0)
+        if measured and not rec.take():
+            break
+        call = stub.Generate(
+            pb.GenerateRequest(session_id=sid, prompt_tokens=src.next(spec.chunk), max_tokens=spec.generate_tokens,
+                               temperature=1.0, seed=rng.getrandbits(63))
+        )
+        first: float | None = None
+        prev = t0
+        gaps: list[float] = []
+        n = 0
+        try:
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    break
+                t = now()
+                if first is None:
+                    first = t
+                else:
+                    gaps.append(t - prev)
+                prev = t
+                n += 1
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
+            rec.error(_code(e), measured)
+            await asyncio.sleep(0.01)
+            continue
+        rec.ok(t0, prev, n, measured)
+        if measured and first is not None:
+            rec.ttft.append(first - t0)
+            rec.itl.extend(gaps)
+
+
+# ---- sessions and the run ------------------------------------------------------------------
+
+
+async def _gather_in_batches(coros: list[Any], batch: int = 256) -> list[Any]:
+    out: list[Any] = []
+    for i in range(0, len(coros), batch):
+        out.extend(await asyncio.gather(*coros[i : i + batch], return_exceptions=True))
+    return out
+
+
+async def create_sessions(stubs: list[pb_grpc.LstmServiceStub], n: int, batch: int = 256) -> list[str]:
+    ids: list[str] = []
+    while len(ids) < n:
+        want = min(batch, n - len(ids))
+        replies = await asyncio.gather(
+            *(stubs[(len(ids) + i) % len(stubs)].CreateSession(pb.CreateSessionRequest(), timeout=60)
+              for i in range(want))
+        )
+        ids.extend(r.session.session_id for r in replies)
+    return ids
+
+
+async def delete_sessions(stubs: list[pb_grpc.LstmServiceStub], ids: list[str]) -> None:
+    await _gather_in_batches(
+        [stubs[i % len(stubs)].DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=60)
+         for i, sid in enumerate(ids)]
+    )
+
+
+def channel_options(channels: int) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if channels > 1:
+        options.append(("grpc.use_local_subchannel_pool", 1))  # one connection per channel
+    return options
+
+
+def model_info_dict(info: Any) -> dict[str, Any]:
+    return {
+        "cell_type": {1: "lstm", 2: "gru"}.get(info.cell_type, "unknown"),
+        "num_layers": info.num_layers,
+        "hidden_size": info.hidden_size,
+        "embedding_size": info.embedding_size,
+        "vocab_size": len(info.vocab),
+        "checkpoint_sha256": info.checkpoint_sha256,
+        "device": info.device,
+        "dtype": info.dtype,
+        "max_batch_sessions": info.limits.max_batch_sessions,
+        "max_batch_tokens": info.limits.max_batch_tokens,
+        "server_version": info.server_version,
+    }
+
+
+async def run_load(spec: LoadSpec) -> dict[str, Any]:
+    """Run one load cell; returns the result as a JSON-ready dict (see `result_fields`)."""
+    spec.validate()
+    address = check_loopback(spec.target)
+    channels = [grpc.aio.insecure_channel(address, options=channel_options(spec.channels))
+                for _ in range(spec.channels)]
+    try:
+        stubs = [pb_grpc.LstmServiceStub(ch) for ch in channels]
+        try:
+            info = await stubs[0].GetModelInfo(pb.GetModelInfoRequest(), timeout=30, wait_for_ready=True)
+        except grpc.aio.AioRpcError as e:
+            raise BenchError(f"{spec.target}: GetModelInfo failed: {e.code().name} {e.details()}") from None
+        vocab = list(info.vocab)
+        pool = token_pool(spec.tokens, vocab, spec.seed)
+        rng = random.Random(spec.seed)
+        ids = await create_sessions(stubs, spec.sessions)
+        try:
+            sources = [TokenSource(pool, rng.randrange(len(pool))) for _ in ids]
+            start = now()
+            cpu0 = time.process_time()
+            warm_end = start + spec.warmup
+            deadline = warm_end + spec.duration
+            rec = Recorder(warm_end, spec.max_requests)
+            session_stubs = [stubs[i % len(stubs)] for i in range(len(ids))]
+            if spec.mode == "closed":
+                await asyncio.gather(*(_closed_session(st, sid, src, spec, rec, deadline)
+                                       for st, sid, src in zip(session_stubs, ids, sources)))
+            elif spec.mode == "open":
+                open_sessions = [_OpenSession(st, sid, src, spec, rec)
+                                 for st, sid, src in zip(session_stubs, ids, sources)]
+                await _open_loop(open_sessions, spec, rec, start, deadline)
+            else:
+                await asyncio.gather(*(_generate_session(st, sid, src, spec, rec, deadline, spec.seed * 100_003 + i)
+                                       for i, (st, sid, src) in enumerate(zip(session_stubs, ids, sources))))
+            end = now()
+            cpu = time.process_time() - cpu0
+        finally:
+            await delete_sessions(stubs, ids)
+    finally:
+        for ch in channels:
+            await ch.close()
+    return _result(spec, rec, info, start, end, cpu)
+
+
+def _result(spec: LoadSpec, rec: Recorder, info: Any, start: float, end: float, cpu: float) -> dict[str, Any]:
+    window = max(rec.last_done - rec.warm_end, 0.0) if rec.requests else 0.0
+    spec_d = asdict(spec)
+    return {
+        "kind": "load",
+        "label": spec.label,
+        "mode": spec.mode,
+        "target": spec.target,
+        "sessions": spec.sessions,
+        "chunk": spec.chunk,
+        "rate_target": spec.rate if spec.mode == "open" else None,
+        "generate_tokens": spec.generate_tokens if spec.mode == "generate" else None,
+        "tokens_source": spec.tokens,
+        "warmup_s": spec.warmup,
+        "duration_s": spec.duration,
+        "max_requests": spec.max_requests,
+        "window_s": window,
+        "requests": rec.requests,
+        "tokens": rec.tokens,
+        "warmup_requests": rec.warmup_requests,
+        "tokens_per_s": rec.tokens / window if window > 0 else 0.0,
+        "requests_per_s": rec.requests / window if window > 0 else 0.0,
+        "latency_ms": summarize_ms(rec.latencies),
+        "latency_cdf_ms": cdf_points_ms(rec.latencies),
+        "ttft_ms": summarize_ms(rec.ttft),
+        "itl_ms": summarize_ms(rec.itl),
+        "send_lag_ms": summarize_ms(rec.send_lag),
+        "errors": dict(sorted(rec.errors.items())),
+        "error_count": sum(rec.errors.values()),
+        "warmup_errors": dict(sorted(rec.warmup_errors.items())),
+        "client_cpu_pct": 100.0 * cpu / max(end - start, 1e-9),
+        "wall_s": end - start,
+        "server": model_info_dict(info),
+        "spec": spec_d,
+    }
+
+
+# The fields every load result has (the smoke test checks them).
+result_fields = (
+    "kind", "mode", "sessions", "chunk", "requests", "tokens", "tokens_per_s", "requests_per_s", "latency_ms",
+    "ttft_ms", "itl_ms", "errors", "error_count", "window_s", "client_cpu_pct", "server",
+)

@@ -1,0 +1,437 @@
+"""Reports: JSON, Markdown tables, the benchmarks document and PNG plots."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+P99_TARGET_MS = 150.0  # p99 at 256 sessions should stay under this
+STEP_MULTIPLE = 3.0  # p99 at 64 token-by-token sessions vs this many median engine steps
+
+
+# ---- machine ---------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    import grpc
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 0
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "memory_gib": _mem_gib(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "grpcio": grpc.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _mem_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+# ---- formatting --------------------------------------------------------------------------------
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "–"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a model name ('reference', 'default' or a directory)."""
+    base = Path(name.rstrip("/")).name or "model"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-") or "model"
+
+
+def ratio_text(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def pct(d: dict[str, Any] | None, key: str) -> float | None:
+    return None if not d else d.get(key)
+
+
+def table(headers: list[str], rows: Iterable[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(headers)))
+             + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def errors_text(r: dict[str, Any]) -> str:
+    errs = r.get("errors") or {}
+    return ", ".join(f"{k} {v}" for k, v in errs.items()) if errs else "0"
+
+
+def render_load_table(results: list[dict[str, Any]]) -> str:
+    """One row per load result: throughput, latency percentiles, TTFT/ITL, errors."""
+    headers = ["mode", "sessions", "chunk", "rate", "requests", "tokens", "tokens/s", "req/s", "p50 ms", "p90 ms",
+               "p95 ms", "p99 ms", "max ms", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "client CPU %", "errors"]
+    rows = []
+    for r in results:
+        lat, ttft, itl = r.get("latency_ms"), r.get("ttft_ms"), r.get("itl_ms")
+        rows.append([r["mode"], r["sessions"], r["chunk"], r.get("rate_target"), r["requests"], r["tokens"],
+                     r["tokens_per_s"], r["requests_per_s"], pct(lat, "p50"), pct(lat, "p90"), pct(lat, "p95"),
+                     pct(lat, "p99"), pct(lat, "max"), pct(ttft, "p50"), pct(ttft, "p99"), pct(itl, "p50"),
+                     pct(itl, "p99"), r.get("client_cpu_pct"), errors_text(r)])
+    return table(headers, rows)
+
+
+def render_offline_table(results: list[dict[str, Any]]) -> str:
+    headers = ["batch", "chunk", "sessions", "steps", "tokens/s", "step p50 ms", "step p90 ms", "step p99 ms",
+               "threads", "device"]
+    rows = [[r["batch"], r["chunk"], r["sessions"], r["steps"], r["tokens_per_s"], pct(r["step_ms"], "p50"),
+             pct(r["step_ms"], "p90"), pct(r["step_ms"], "p99"), r["threads"], r["device"]] for r in results]
+    return table(headers, rows)
+
+
+def render_results(results: list[dict[str, Any]]) -> str:
+    """Markdown for a list of load and/or offline results."""
+    parts = []
+    load = [r for r in results if r.get("kind") == "load"]
+    offline = [r for r in results if r.get("kind") == "offline"]
+    if load:
+        parts.append(render_load_table(load))
+    if offline:
+        parts.append(render_offline_table(offline))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+# ---- the sweep document ----------------------------------------------------------------------
+
+
+def _find(cells: list[dict[str, Any]], sessions: int, chunk: int) -> dict[str, Any] | None:
+    for c in cells:
+        if c.get("sessions") == sessions and c.get("chunk") == chunk:
+            return c
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pass/fail statements for one model of a sweep."""
+    checks: list[dict[str, Any]] = []
+    served = m.get("served", [])
+    c256 = _find(served, 256, 1)
+    if c256 and c256.get("latency_ms"):
+        p99 = c256["latency_ms"]["p99"]
+        checks.append({"name": "p99 at 256 sessions (token by token, closed loop)", "value_ms": p99,
+                       "limit_ms": P99_TARGET_MS, "pass": p99 <= P99_TARGET_MS})
+    for o in m.get("open", []):
+        if o.get("sessions") == 256 and o.get("latency_ms"):
+            p99 = o["latency_ms"]["p99"]
+            checks.append({"name": f"p99 at 256 sessions, open loop at {fmt(o.get('rate_target'), 0)} req/s",
+                           "value_ms": p99, "limit_ms": P99_TARGET_MS, "pass": p99 <= P99_TARGET_MS})
+    c64 = _find(served, 64, 1)
+    if c64 and c64.get("latency_ms"):
+        p99 = c64["latency_ms"]["p99"]
+        sources = []
+        srv = (c64.get("server_window") or {}).get("step_ms")
+        if srv and srv.get("p50"):
+            sources.append(("server /metrics lstm_step_duration_seconds (bucket-interpolated)", srv["p50"]))
+        off = _find(m.get("offline", []), 64, 1)
+        if off and off.get("step_ms"):
+            sources.append(("offline runner.execute at batch 64", off["step_ms"]["p50"]))
+        for source, median in sources:
+            limit = STEP_MULTIPLE * median
+            checks.append({"name": f"p99 at 64 sessions (token by token) vs {STEP_MULTIPLE:g}x median step "
+                                   f"({source}: {fmt(median, 2)} ms)",
+                           "value_ms": p99, "limit_ms": limit, "pass": p99 <= limit})
+    return checks
+
+
+def _model_title(m: dict[str, Any]) -> str:
+    c = m.get("model") or {}
+    if not c:
+        return m["name"]
+    return (f"{m['name']} — {c.get('cell_type', '?').upper()} {c.get('num_layers')}×{c.get('hidden_size')}, "
+            f"embedding {c.get('embedding_size')}, vocab {c.get('vocab_size')}")
+
+
+def render_model_section(m: dict[str, Any], img_prefix: str) -> str:
+    out = [f"## Model: {_model_title(m)}", ""]
+    if m.get("skipped"):
+        out += [f"_Skipped: {m['skipped']}_", ""]
+        return "\n".join(out)
+    out += [f"Checkpoint `{m.get('checkpoint')}`" + (f" (sha256 {m['sha256'][:12]}…)" if m.get("sha256") else "")
+            + ".", ""]
+    served, unb, off = m.get("served", []), m.get("unbatched", []), m.get("offline", [])
+    sessions = sorted({c["sessions"] for c in served + unb})
+    chunks = sorted({c["chunk"] for c in served + unb})
+
+    out += ["### Throughput (closed loop, tokens/s)", "",
+            "Served = lstm-serve with continuous batching; offline = `ModelRunner.execute` alone at the same "
+            "batch (min(N, max batch)); unbatched = the same server with `--max-batch-sessions 1`.", ""]
+    rows = []
+    for chunk in chunks:
+        for n in sessions:
+            s, u, o = _find(served, n, chunk), _find(unb, n, chunk), _find(off, n, chunk)
+            sw = (s or {}).get("server_window") or {}
+            rows.append([n, chunk, (s or {}).get("tokens_per_s"), (o or {}).get("tokens_per_s"),
+                         (u or {}).get("tokens_per_s"),
+                         ratio_text(_ratio((s or {}).get("tokens_per_s"), (o or {}).get("tokens_per_s"))),
+                         ratio_text(_ratio((s or {}).get("tokens_per_s"), (u or {}).get("tokens_per_s"))),
+                         sw.get("batch_sessions_mean"), (o or {}).get("batch"),
+                         (s or {}).get("server_cpu_pct"), (s or {}).get("client_cpu_pct")])
+    out += [table(["N", "chunk", "served", "offline", "unbatched", "served/offline", "served/unbatched",
+                   "mean batch (served)", "offline batch", "server CPU %", "client CPU %"], rows), ""]
+
+    for title, cells in (("Served latency (closed loop, ms per request)", served),
+                         ("Unbatched latency (closed loop, ms per request)", unb)):
+        rows = []
+        for chunk in chunks:
+            for n in sessions:
+                c = _find(cells, n, chunk)
+                if not c:
+                    continue
+                lat = c.get("latency_ms") or {}
+                step = (c.get("server_window") or {}).get("step_ms") or {}
+                rows.append([n, chunk, c["requests"], c["requests_per_s"], lat.get("p50"), lat.get("p90"),
+                             lat.get("p95"), lat.get("p99"), lat.get("max"), step.get("p50"), errors_text(c)])
+        if rows:
+            out += [f"### {title}", "",
+                    table(["N", "chunk", "requests", "req/s", "p50", "p90", "p95", "p99", "max",
+                           "engine step p50", "errors"], rows), ""]
+
+    if off:
+        out += ["### Offline limit (no server)", "", render_offline_table(off), ""]
+
+    opens = m.get("open", [])
+    if opens:
+        rows = []
+        for o in opens:
+            lat, lag = o.get("latency_ms") or {}, o.get("send_lag_ms") or {}
+            rows.append([o["sessions"], o["chunk"], o.get("rate_target"), o["requests_per_s"], o["tokens_per_s"],
+                         lat.get("p50"), lat.get("p90"), lat.get("p99"), lat.get("max"), lag.get("p99"),
+                         errors_text(o)])
+        out += ["### Open loop (Poisson arrivals; latency from the scheduled send time)", "",
+                table(["N", "chunk", "target req/s", "req/s", "tokens/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
+                       "client send lag p99 ms", "errors"], rows), ""]
+
+    gens = m.get("generate", [])
+    if gens:
+        rows = []
+        for g in gens:
+            ttft, itl = g.get("ttft_ms") or {}, g.get("itl_ms") or {}
+            rows.append([g["sessions"], g.get("generate_tokens"), g["requests"], g["tokens_per_s"], ttft.get("p50"),
+                         ttft.get("p99"), itl.get("p50"), itl.get("p99"), itl.get("max"), errors_text(g)])
+        out += ["### Generate (closed loop)", "",
+                table(["N", "max_tokens", "requests", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms",
+                       "ITL p99 ms", "ITL max ms", "errors"], rows), ""]
+
+    for kind, caption in (("throughput", "Throughput against concurrency"),
+                          ("latency-cdf", "Served latency distribution")):
+        img = m.get("plots", {}).get(kind)
+        if img:
+            out += [f"![{caption}]({img_prefix}{Path(img).name})", ""]
+
+    checks = model_checks(m)
+    if checks:
+        out += ["### Checks", ""]
+        for c in checks:
+            mark = "PASS" if c["pass"] else "FAIL"
+            out.append(f"- **{mark}** {c['name']}: {fmt(c['value_ms'], 1)} ms (limit {fmt(c['limit_ms'], 1)} ms)")
+        out.append("")
+    return "\n".join(out)
+
+
+def render_memory(mem: dict[str, Any] | None) -> str:
+    out = ["## Memory: idle sessions", ""]
+    if not mem:
+        return "\n".join(out + ["_Not measured._", ""])
+    if mem.get("skipped"):
+        return "\n".join(out + [f"_Skipped: {mem['skipped']}_", ""])
+    mib = 2**20
+    out += [
+        f"{mem['sessions']:,} sessions created through the server (CreateSession, model `{mem['model']}`), "
+        f"then the server process's RSS compared with the raw bytes of their states "
+        f"({mem['slot_bytes']:,} bytes per session: {mem['state_layout']}).", "",
+        table(["sessions", "raw state MiB", "slab MiB (engine)", "RSS before MiB", "RSS after MiB", "RSS delta MiB",
+               "overhead vs raw", "overhead per session", "create rate /s"],
+              [[mem["sessions"], mem["raw_state_bytes"] / mib,
+                mem["slab_bytes"] / mib if mem.get("slab_bytes") else None,
+                mem["rss_before_bytes"] / mib, mem["rss_after_bytes"] / mib, mem["rss_delta_bytes"] / mib,
+                f"{mem['overhead_pct']:.1f} %", f"{mem['overhead_per_session_bytes']:,.0f} B",
+                mem.get("create_rate_per_s")]]),
+        "",
+        "Overhead = (RSS delta − raw state bytes) / raw state bytes: the session records, indexes and any "
+        "spare slab capacity.", "",
+    ]
+    return "\n".join(out)
+
+
+def render_sweep(sweep: dict[str, Any], img_prefix: str = "img/") -> str:
+    mach, cfg = sweep["machine"], sweep["config"]
+    out = [
+        "# Benchmarks", "",
+        f"Generated by `lstm-bench sweep{' --quick' if cfg.get('quick') else ''}` (`make bench`) on "
+        f"{mach['date']}; the sweep took {fmt(sweep.get('elapsed_s', 0.0) / 60, 1)} min. "
+        f"Raw results: `{cfg.get('json_name', 'benchmarks.json')}`. Re-run with `make bench`; "
+        "`lstm-bench sweep --help` lists the knobs.", "",
+        "## Machine", "",
+        table(["CPU", "cores", "memory GiB", "torch", "server torch threads", "grpcio", "python", "server CPUs",
+               "client CPUs", "load avg at start"],
+              [[mach["cpu"], mach["cores"], mach.get("memory_gib"), mach["torch"],
+                cfg.get("server_threads", mach.get("torch_threads")), mach["grpcio"], mach["python"],
+                cfg.get("server_cpus") or "any", cfg.get("client_cpus") or "any",
+                mach.get("loadavg_1m")]]),
+        "",
+        *([f"**The machine was busy when the sweep started (1-minute load average {mach['loadavg_1m']:.2f} on "
+           f"{mach['cores']} cores): these numbers understate what it can do.**", ""]
+          if (mach.get("loadavg_1m") or 0) > 0.5 * (mach.get("cores") or 1) else []),
+        "## Method", "",
+        f"- Load generator: `bench/loadgen.py`, one asyncio process using the generated gRPC stubs directly. "
+        f"Closed loop: N sessions, each with one `StreamSteps` stream, sending its next chunk when the previous "
+        f"answer arrives. Every cell runs {fmt(cfg['warmup'], 1)} s of warm-up (excluded) and then "
+        f"{fmt(cfg['duration'], 1)} s measured"
+        + (f" or {cfg['max_requests']:,} requests, whichever ends first" if cfg.get("max_requests") else "")
+        + ". Tokens are random ids; top_k = 5 per token.",
+        "- Open loop: Poisson arrivals at a fixed aggregate rate spread over the sessions; latency is measured "
+        "from the scheduled send time, so queueing anywhere is counted.",
+        "- Offline: `service.runner.ModelRunner.execute` in a process of its own (same CPUs and threads as the "
+        "server): gather state rows, one model call, scatter, log-softmax, top-k 5, copy to host; batch = "
+        "min(N, max batch sessions, max batch tokens / chunk).",
+        "- Unbatched: the same server with `--max-batch-sessions 1`.",
+        "- Engine step times come from the server's `lstm_step_duration_seconds` histogram (differences of two "
+        "scrapes, quantiles interpolated within buckets).",
+        "- Client CPU % above ~90 % means the load generator, not the server, may be the limit of that cell.",
+        "",
+    ]
+    for m in sweep.get("models", []):
+        out.append(render_model_section(m, img_prefix))
+    out.append(render_memory(sweep.get("memory")))
+    notes = sweep.get("notes")
+    if notes:
+        out += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_throughput(m: dict[str, Any], path: Path) -> Path:
+    """Tokens/s against sessions: served, offline, unbatched; one panel per chunk size."""
+    plt = _pyplot()
+    series = (("served", "served (batched)", "o-"), ("offline", "offline limit", "s--"),
+              ("unbatched", "unbatched server", "^:"))
+    chunks = sorted({c["chunk"] for key, _, _ in series for c in m.get(key, [])})
+    fig, axes = plt.subplots(1, max(1, len(chunks)), figsize=(5.5 * max(1, len(chunks)), 4), squeeze=False)
+    for ax, chunk in zip(axes[0], chunks):
+        for key, label, style in series:
+            cells = sorted((c for c in m.get(key, []) if c["chunk"] == chunk), key=lambda c: c["sessions"])
+            if cells:
+                ax.plot([c["sessions"] for c in cells], [c["tokens_per_s"] for c in cells], style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent sessions")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{slug(m['name'])}: chunk {chunk}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_latency_cdf(m: dict[str, Any], path: Path) -> Path:
+    """Served request latency CDF per number of sessions; one panel per chunk size."""
+    plt = _pyplot()
+    served = [c for c in m.get("served", []) if c.get("latency_cdf_ms")]
+    chunks = sorted({c["chunk"] for c in served})
+    fig, axes = plt.subplots(1, max(1, len(chunks)), figsize=(5.5 * max(1, len(chunks)), 4), squeeze=False)
+    for ax, chunk in zip(axes[0], chunks):
+        for c in sorted((c for c in served if c["chunk"] == chunk), key=lambda c: c["sessions"]):
+            pts = c["latency_cdf_ms"]
+            ax.plot(pts, [i / (len(pts) - 1) for i in range(len(pts))], label=f"N={c['sessions']}")
+        ax.axvline(P99_TARGET_MS, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("request latency (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{slug(m['name'])}: served, chunk {chunk}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_results_cdf(results: list[dict[str, Any]], path: Path) -> Path:
+    """Latency CDF of ad-hoc load results (lstm-bench load --plot)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        pts = r.get("latency_cdf_ms") or []
+        if pts:
+            ax.plot(pts, [i / (len(pts) - 1) for i in range(len(pts))],
+                    label=f"{r['mode']} N={r['sessions']} chunk={r['chunk']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("request latency (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

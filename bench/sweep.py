@@ -1,0 +1,303 @@
+"""The benchmark sweep behind `lstm-bench sweep` / `make bench`.
+
+For each model (the default checkpoint and the reference model): closed-loop cells for
+every N in --sessions and chunk in --chunks against (a) lstm-serve, (b) the offline
+limit, (c) lstm-serve with --max-batch-sessions 1; open-loop cells at fractions of the
+served capacity; Generate cells. Then the idle-session memory check. Writes the JSON
+results, the PNG plots and the Markdown document (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.loadgen import BenchError, LoadSpec, create_sessions, model_info_dict, run_load
+from bench.models import cache_dir, resolve_model
+from bench.spawn import SpawnedServer, gauge, parse_cpus, pid_cpu_seconds, server_window
+from model.checkpoint import read_meta
+from service.config import parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SweepConfig:
+    models: list[str] = field(default_factory=lambda: ["default", "reference"])
+    sessions: list[int] = field(default_factory=lambda: [1, 8, 64, 256, 1024])
+    chunks: list[int] = field(default_factory=lambda: [1, 16])
+    duration: float = 10.0  # measured seconds per cell
+    warmup: float = 2.0  # warm-up seconds per cell
+    max_requests: int = 0  # measured requests per cell at most (0 = duration only)
+    offline_duration: float = 5.0
+    open_sessions: int = 256
+    open_fractions: list[float] = field(default_factory=lambda: [0.5, 0.8])
+    generate_sessions: list[int] = field(default_factory=lambda: [1, 64])
+    generate_tokens: int = 64
+    memory_sessions: int = 100_000  # 0 = skip the memory check
+    memory_model: str = "reference"
+    unbatched: bool = True
+    server_cpus: str | None = None  # taskset -c for the server and the offline runs
+    client_cpus: str | None = None  # CPU affinity of this process (the load generator)
+    server_args: list[str] = field(default_factory=list)  # extra lstm-serve flags
+    out: str = str(ROOT / "docs" / "benchmarks.md")
+    img_dir: str = str(ROOT / "docs" / "img")
+    json_out: str = str(ROOT / "docs" / "benchmarks.json")
+    cache: str = str(cache_dir())
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, **overrides: Any) -> SweepConfig:
+        base: dict[str, Any] = {
+            "sessions": [1, 8, 64, 256], "chunks": [1, 16], "duration": 3.0, "warmup": 1.0,
+            "offline_duration": 2.0, "open_fractions": [0.5], "generate_sessions": [8], "generate_tokens": 16,
+            "memory_sessions": 10_000, "quick": True,
+        }
+        base.update(overrides)
+        return cls(**base)
+
+
+def log(msg: str) -> None:
+    print(f"[lstm-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _short(r: dict[str, Any]) -> str:
+    lat = r.get("latency_ms") or {}
+    errs = r.get("error_count", 0)
+    return (f"{r['tokens_per_s']:,.0f} tok/s, {r['requests_per_s']:,.0f} req/s, p50 {lat.get('p50', 0):.1f} ms, "
+            f"p99 {lat.get('p99', 0):.1f} ms, errors {errs}")
+
+
+class Sweep:
+    def __init__(self, cfg: SweepConfig) -> None:
+        self.cfg = cfg
+        self.original_cpus = sorted(os.sched_getaffinity(0))
+        # The server and the offline runs get their own CPUs, or the ones this process had.
+        self.server_cpus = cfg.server_cpus or (
+            ",".join(map(str, self.original_cpus)) if cfg.client_cpus else None
+        )
+        self.server_config = parse_config([*cfg.server_args])
+        self.notes: list[str] = []
+
+    def pin_client(self) -> None:
+        if self.cfg.client_cpus:
+            os.sched_setaffinity(0, parse_cpus(self.cfg.client_cpus))
+
+    # ---- cells ----------------------------------------------------------------------------
+
+    def load_cell(self, server: SpawnedServer, spec: LoadSpec) -> dict[str, Any]:
+        before = server.scrape()
+        cpu0, t0 = pid_cpu_seconds(server.pid), time.monotonic()
+        result = asyncio.run(run_load(spec))
+        cpu1, t1 = pid_cpu_seconds(server.pid), time.monotonic()
+        result["server_window"] = server_window(before, server.scrape())
+        result["server_cpu_pct"] = 100.0 * (cpu1 - cpu0) / max(t1 - t0, 1e-9)
+        return result
+
+    def closed_cells(self, server: SpawnedServer, label: str) -> list[dict[str, Any]]:
+        cfg, out = self.cfg, []
+        for chunk in cfg.chunks:
+            for n in cfg.sessions:
+                spec = LoadSpec(target=server.target, mode="closed", sessions=n, chunk=chunk, duration=cfg.duration,
+                                warmup=cfg.warmup, max_requests=cfg.max_requests, label=label,
+                                drain_timeout=max(30.0, cfg.duration * 3))
+                r = self.load_cell(server, spec)
+                log(f"{label} N={n} chunk={chunk}: {_short(r)}")
+                out.append(r)
+        return out
+
+    def offline_cell(self, checkpoint: Path, sessions: int, chunk: int, batch: int) -> dict[str, Any]:
+        sc = self.server_config
+        threads = sc.threads or (len(parse_cpus(self.server_cpus)) if self.server_cpus else 0)
+        with tempfile.TemporaryDirectory(prefix="lstm-bench-offline-") as tmp:
+            out = Path(tmp) / "offline.json"
+            cmd = [sys.executable, "-m", "bench", "offline", "--model", str(checkpoint), "--batch", str(batch),
+                   "--chunk", str(chunk), "--sessions", str(sessions), "--duration", str(self.cfg.offline_duration),
+                   "--threads", str(threads), "--device", sc.device, "--dtype", sc.dtype, "--json", str(out),
+                   "--quiet"]
+            if self.server_cpus:
+                cmd = ["taskset", "-c", self.server_cpus, *cmd]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise BenchError(f"offline run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+            results = json.loads(out.read_text())
+        r: dict[str, Any] = results[0]
+        r["sessions"] = sessions  # the N this offline cell stands for
+        return r
+
+    def run_model(self, name: str) -> dict[str, Any]:
+        cfg = self.cfg
+        entry: dict[str, Any] = {"name": name, "served": [], "unbatched": [], "offline": [], "open": [],
+                                 "generate": [], "plots": {}}
+        try:
+            checkpoint = resolve_model(name, Path(cfg.cache))
+        except BenchError as e:
+            entry["skipped"] = str(e)
+            log(f"model {name}: skipped ({e})")
+            return entry
+        meta = read_meta(checkpoint)
+        entry.update(checkpoint=str(checkpoint), model=meta["config"], sha256=meta.get("weights_sha256", ""))
+        log(f"model {name}: {checkpoint}")
+
+        with SpawnedServer(checkpoint, cfg.server_args, cpus=self.server_cpus) as server:
+            if server.metrics_port is None:
+                self.notes.append("the server's metrics port was not found in its log: no engine step times")
+            entry["served"] = self.closed_cells(server, f"{name}/served")
+            entry["server_info"] = entry["served"][0]["server"] if entry["served"] else None
+            base = next((c for c in entry["served"] if c["sessions"] == cfg.open_sessions and c["chunk"] == 1), None)
+            if base is None and entry["served"]:
+                base = max((c for c in entry["served"] if c["chunk"] == min(cfg.chunks)),
+                           key=lambda c: c["requests_per_s"])
+            for frac in cfg.open_fractions if base else []:
+                rate = max(1.0, frac * base["requests_per_s"])  # type: ignore[index]
+                spec = LoadSpec(target=server.target, mode="open", sessions=base["sessions"],  # type: ignore[index]
+                                chunk=base["chunk"], rate=rate, duration=cfg.duration,  # type: ignore[index]
+                                warmup=cfg.warmup, max_requests=cfg.max_requests, label=f"{name}/open",
+                                drain_timeout=max(30.0, cfg.duration * 3))
+                r = self.load_cell(server, spec)
+                r["capacity_fraction"] = frac
+                log(f"{name}/open N={spec.sessions} {rate:,.0f} req/s ({frac:.0%} of closed loop): {_short(r)}")
+                entry["open"].append(r)
+            for n in cfg.generate_sessions:
+                spec = LoadSpec(target=server.target, mode="generate", sessions=n, chunk=1,
+                                generate_tokens=cfg.generate_tokens, duration=cfg.duration, warmup=cfg.warmup,
+                                max_requests=cfg.max_requests, label=f"{name}/generate",
+                                drain_timeout=max(30.0, cfg.duration * 3))
+                r = self.load_cell(server, spec)
+                log(f"{name}/generate N={n}: {r['tokens_per_s']:,.0f} tok/s, TTFT p50 "
+                    f"{(r['ttft_ms'] or {}).get('p50', 0):.1f} ms, ITL p50 {(r['itl_ms'] or {}).get('p50', 0):.1f} ms")
+                entry["generate"].append(r)
+
+        if cfg.unbatched:
+            with SpawnedServer(checkpoint, [*cfg.server_args, "--max-batch-sessions", "1"],
+                               cpus=self.server_cpus) as server:
+                entry["unbatched"] = self.closed_cells(server, f"{name}/unbatched")
+
+        info = entry.get("server_info") or {}
+        max_sessions = info.get("max_batch_sessions") or self.server_config.max_batch_sessions
+        max_tokens = info.get("max_batch_tokens") or self.server_config.max_batch_tokens
+        for chunk in cfg.chunks:
+            for n in cfg.sessions:
+                batch = max(1, min(n, max_sessions, max_tokens // chunk))
+                r = self.offline_cell(checkpoint, n, chunk, batch)
+                log(f"{name}/offline N={n} chunk={chunk} batch={batch}: {r['tokens_per_s']:,.0f} tok/s, "
+                    f"step p50 {r['step_ms']['p50']:.2f} ms")
+                entry["offline"].append(r)
+        return entry
+
+    def memory_check(self) -> dict[str, Any]:
+        n = self.cfg.memory_sessions
+        try:
+            checkpoint = resolve_model(self.cfg.memory_model, Path(self.cfg.cache))
+        except BenchError as e:
+            return {"skipped": str(e)}
+        return memory_check(checkpoint, n, self.cfg.server_args, self.server_cpus, self.cfg.memory_model)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        started = time.monotonic()
+        machine = report.machine_info()
+        self.pin_client()
+        models = [self.run_model(name) for name in cfg.models]
+        memory = None
+        if cfg.memory_sessions > 0:
+            log(f"memory check: {cfg.memory_sessions:,} idle sessions")
+            memory = self.memory_check()
+            if not memory.get("skipped"):
+                log(f"memory: RSS delta {memory['rss_delta_bytes'] / 2**20:,.0f} MiB for "
+                    f"{memory['raw_state_bytes'] / 2**20:,.0f} MiB of state ({memory['overhead_pct']:.1f} % overhead)")
+        config = asdict(cfg)
+        config["json_name"] = os.path.relpath(cfg.json_out, Path(cfg.out).parent)
+        config["server_threads"] = self.server_config.threads or (
+            len(parse_cpus(self.server_cpus)) if self.server_cpus else machine.get("torch_threads")
+        )
+        return {"machine": machine, "config": config, "models": models, "memory": memory, "notes": self.notes,
+                "elapsed_s": time.monotonic() - started}
+
+
+def memory_check(checkpoint: Path, sessions: int, server_args: list[str] | None = None, cpus: str | None = None,
+                 model_name: str = "") -> dict[str, Any]:
+    """RSS of the server before and after `sessions` idle sessions, against their raw state bytes."""
+    args = list(server_args or [])
+    if sessions > parse_config(args).max_sessions:
+        args += ["--max-sessions", str(sessions)]
+
+    async def create(target: str) -> tuple[dict[str, Any], float]:
+        import grpc
+        from lstmserve_client.proto import lstm_service_pb2 as pb
+        from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
+
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30, wait_for_ready=True)
+            t0 = time.monotonic()
+            await create_sessions([stub], sessions, batch=512)
+            return model_info_dict(info), time.monotonic() - t0
+
+    with SpawnedServer(checkpoint, args, cpus=cpus) as server:
+        time.sleep(0.5)
+        rss0 = server.rss_bytes()
+        slab0 = gauge(server.scrape(), "lstm_state_memory_bytes")
+        info, seconds = asyncio.run(create(server.target))
+        time.sleep(1.0)
+        rss1 = server.rss_bytes()
+        after = server.scrape()
+        slab1 = gauge(after, "lstm_state_memory_bytes")
+        active = gauge(after, "lstm_sessions_active")
+    tensors = 2 if info["cell_type"] == "lstm" else 1
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(info["dtype"], 4)
+    slot_bytes = tensors * info["num_layers"] * info["hidden_size"] * dtype_bytes
+    raw = sessions * slot_bytes
+    delta = rss1 - rss0
+    return {
+        "model": model_name or str(checkpoint),
+        "sessions": sessions,
+        "sessions_active": int(active) if active is not None else None,
+        "slot_bytes": slot_bytes,
+        "state_layout": f"{tensors} tensor(s) × {info['num_layers']} layers × {info['hidden_size']} × "
+                        f"{dtype_bytes} B",
+        "raw_state_bytes": raw,
+        "slab_bytes_before": slab0,
+        "slab_bytes": slab1,
+        "rss_before_bytes": rss0,
+        "rss_after_bytes": rss1,
+        "rss_delta_bytes": delta,
+        "overhead_pct": 100.0 * (delta - raw) / raw,
+        "overhead_per_session_bytes": (delta - raw) / sessions,
+        "create_seconds": seconds,
+        "create_rate_per_s": sessions / seconds if seconds > 0 else None,
+    }
+
+
+def write_outputs(sweep: dict[str, Any], out: Path | str, img_dir: Path | str, json_out: Path | str | None) -> None:
+    """Plots into img_dir, the JSON (if json_out) and the Markdown document `out`."""
+    out, img_dir = Path(out), Path(img_dir)
+    for m in sweep["models"]:
+        if m.get("skipped"):
+            continue
+        slug = report.slug(m["name"])
+        m["plots"] = {
+            "throughput": str(report.plot_throughput(m, img_dir / f"bench-{slug}-throughput.png")),
+            "latency-cdf": str(report.plot_latency_cdf(m, img_dir / f"bench-{slug}-latency-cdf.png")),
+        }
+    if json_out:
+        report.write_json(Path(json_out), sweep)
+    prefix = os.path.relpath(img_dir, out.parent).replace(os.sep, "/") + "/"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.render_sweep(sweep, img_prefix=prefix))
+    log(f"wrote {out}{', ' + str(json_out) if json_out else ''} and plots in {img_dir}")
+
+
+def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
+    sweep = Sweep(cfg).run()
+    write_outputs(sweep, cfg.out, cfg.img_dir, cfg.json_out)
+    return sweep

@@ -1,0 +1,167 @@
+"""Smoke tests of lstm-bench: short load cells against a real server on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.cli import main as bench_main
+from bench.loadgen import BenchError, LoadSpec, check_loopback, result_fields, run_load
+from bench.offline import OfflineSpec, offline_fields, run_offline
+from bench.report import model_checks, plot_latency_cdf, plot_throughput, render_results, render_sweep
+from tests.conftest import RunningServer, run_server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def bench_server(tiny_checkpoint: Path) -> Iterator[RunningServer]:
+    with run_server(tiny_checkpoint) as running:
+        yield running
+
+
+def check_consistent(r: dict[str, Any], tokens_per_request: int) -> None:
+    for name in result_fields:
+        assert name in r, name
+    assert r["requests"] > 0
+    assert r["error_count"] == 0 and r["errors"] == {}, r["errors"]
+    assert r["tokens"] == r["requests"] * tokens_per_request
+    lat = r["latency_ms"]
+    assert set(lat) >= {"p50", "p90", "p95", "p99", "max"}
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert r["tokens_per_s"] > 0 and r["requests_per_s"] > 0
+    assert r["tokens_per_s"] == pytest.approx(r["requests_per_s"] * tokens_per_request)
+    assert len(r["latency_cdf_ms"]) == 101
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+async def test_closed_loop(bench_server: RunningServer, chunk: int) -> None:
+    r = await run_load(LoadSpec(target=bench_server.target, mode="closed", sessions=4, chunk=chunk, duration=1.0,
+                                warmup=0.2))
+    check_consistent(r, chunk)
+    assert r["mode"] == "closed" and r["sessions"] == 4 and r["chunk"] == chunk
+    assert r["ttft_ms"] is None and r["itl_ms"] is None
+    assert r["warmup_requests"] > 0  # the warm-up ran and was left out
+    assert bench_server.engine.session_count == 0  # sessions are deleted afterwards
+
+
+async def test_request_bound_ends_the_run(bench_server: RunningServer) -> None:
+    r = await run_load(LoadSpec(target=bench_server.target, sessions=4, chunk=2, duration=30.0, warmup=0.0,
+                                max_requests=25))
+    check_consistent(r, 2)
+    assert r["requests"] == 25
+    assert r["wall_s"] < 15
+
+
+async def test_open_loop(bench_server: RunningServer) -> None:
+    r = await run_load(LoadSpec(target=bench_server.target, mode="open", sessions=4, chunk=1, rate=60.0,
+                                duration=1.0, warmup=0.2, tokens="corpus"))
+    check_consistent(r, 1)
+    assert r["rate_target"] == 60.0
+    assert 15 <= r["requests"] <= 150  # Poisson with mean 60 over one second
+    assert r["send_lag_ms"] is not None
+
+
+async def test_generate(bench_server: RunningServer) -> None:
+    r = await run_load(LoadSpec(target=bench_server.target, mode="generate", sessions=2, chunk=1, generate_tokens=8,
+                                duration=1.0, warmup=0.2))
+    check_consistent(r, 8)
+    assert r["ttft_ms"]["count"] == r["requests"]
+    assert r["itl_ms"]["count"] == r["requests"] * 7
+    assert r["ttft_ms"]["p50"] > 0 and r["itl_ms"]["p50"] > 0
+
+
+def test_offline(tiny_checkpoint: Path) -> None:
+    r = run_offline(OfflineSpec(checkpoint=str(tiny_checkpoint), batch=4, chunk=2, sessions=8, duration=5.0,
+                                max_steps=20, threads=1))
+    for name in offline_fields:
+        assert name in r, name
+    assert r["steps"] == 20
+    assert r["tokens"] == 20 * 4 * 2
+    assert r["tokens_per_s"] > 0 and r["step_ms"]["p50"] > 0
+
+
+async def test_markdown_table(bench_server: RunningServer, tiny_checkpoint: Path) -> None:
+    load = await run_load(LoadSpec(target=bench_server.target, sessions=2, chunk=1, duration=0.3, warmup=0.0))
+    off = run_offline(OfflineSpec(checkpoint=str(tiny_checkpoint), batch=2, max_steps=3, threads=1))
+    md = render_results([load, off])
+    lines = md.strip().splitlines()
+    assert lines[0].startswith("| mode | sessions | chunk |") and "p99 ms" in lines[0]
+    assert lines[1].startswith("|---|")
+    assert lines[2].startswith("| closed | 2 | 1 |")
+    assert any(line.startswith("| batch | chunk |") for line in lines)
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:50051", "127.1.2.3:1", "localhost:50051", "[::1]:50051"])
+def test_loopback_targets_are_accepted(target: str) -> None:
+    check_loopback(target)
+
+
+@pytest.mark.parametrize("target", ["10.0.0.1:50051", "8.8.8.8:443", "example.com:50051", "[2001:db8::1]:50051",
+                                    "0.0.0.0:50051", "dns:///127.0.0.1:50051", "127.0.0.1"])
+async def test_non_loopback_targets_are_refused(target: str) -> None:
+    with pytest.raises(BenchError):
+        check_loopback(target)
+    with pytest.raises(BenchError):
+        await run_load(LoadSpec(target=target, duration=0.1))
+
+
+def test_cli_refuses_non_loopback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_main(["load", "--target", "192.168.1.10:50051", "--duration", "0.1"]) == 2
+    assert "loopback" in capsys.readouterr().err
+
+
+def _fake_cell(kind: str, n: int, chunk: int, tps: float, p99: float) -> dict[str, Any]:
+    lat = {"p50": p99 / 3, "p90": p99 / 2, "p95": p99 / 1.5, "p99": p99, "max": p99 * 1.2, "mean": p99 / 3,
+           "count": 100}
+    if kind == "offline":
+        return {"kind": "offline", "batch": min(n, 256), "chunk": chunk, "sessions": n, "steps": 100, "tokens": 1,
+                "tokens_per_s": tps, "steps_per_s": 1.0, "step_ms": {**lat, "p50": 2.0}, "threads": 2,
+                "device": "cpu"}
+    return {"kind": "load", "mode": "closed", "sessions": n, "chunk": chunk, "requests": 100, "tokens": 100 * chunk,
+            "tokens_per_s": tps, "requests_per_s": tps / chunk, "latency_ms": lat,
+            "latency_cdf_ms": [p99 * i / 100 for i in range(101)], "errors": {}, "error_count": 0,
+            "server_window": {"steps": 10, "step_ms": {"mean": 2.0, "p50": 2.0, "p90": 3.0, "p99": 4.0},
+                              "batch_sessions_mean": float(n)},
+            "server_cpu_pct": 95.0, "client_cpu_pct": 40.0}
+
+
+def test_sweep_document_and_plots(tmp_path: Path) -> None:
+    model: dict[str, Any] = {"name": "reference", "checkpoint": "/x", "sha256": "ab" * 32,
+                             "model": {"cell_type": "lstm", "num_layers": 2, "hidden_size": 512,
+                                       "embedding_size": 128, "vocab_size": 65}}
+    for key, scale in (("served", 1.0), ("unbatched", 0.2), ("offline", 2.0)):
+        model[key] = [_fake_cell("offline" if key == "offline" else "load", n, c, 100.0 * n * c * scale, 5.0 * n)
+                      for c in (1, 16) for n in (1, 8, 64, 256)]
+    model["plots"] = {
+        "throughput": str(plot_throughput(model, tmp_path / "img" / "bench-reference-throughput.png")),
+        "latency-cdf": str(plot_latency_cdf(model, tmp_path / "img" / "bench-reference-latency-cdf.png")),
+    }
+    assert all(Path(p).stat().st_size > 1000 for p in model["plots"].values())
+    skipped = {"name": "default", "skipped": "checkpoints/default: checkpoint directory does not exist"}
+    sweep = {
+        "machine": {"cpu": "Test CPU", "cores": 2, "torch": "x", "grpcio": "y", "python": "3", "date": "today"},
+        "config": {"warmup": 1.0, "duration": 2.0, "quick": True},
+        "models": [skipped, copy.deepcopy(model)],
+        "memory": {"model": "reference", "sessions": 1000, "slot_bytes": 8192, "state_layout": "2 x 2 x 512 x 4 B",
+                   "raw_state_bytes": 8192000, "slab_bytes": 9000000, "rss_before_bytes": 1 << 28,
+                   "rss_after_bytes": (1 << 28) + 9_000_000, "rss_delta_bytes": 9_000_000, "overhead_pct": 9.9,
+                   "overhead_per_session_bytes": 808.0, "create_rate_per_s": 5000.0},
+        "elapsed_s": 60.0,
+    }
+    md = render_sweep(sweep)
+    assert "| Test CPU | 2 |" in md
+    assert "_Skipped: checkpoints/default" in md
+    assert "| 64 | 1 | 6,400 | 12,800 | 1,280 | 0.50× | 5.00× |" in md
+    assert "![Throughput against concurrency](img/bench-reference-throughput.png)" in md
+    assert "9.9 %" in md
+    checks = model_checks(model)
+    names = [c["name"] for c in checks]
+    assert any("256 sessions" in n for n in names) and sum("64 sessions" in n for n in names) == 2
+    p99_256 = next(c for c in checks if "256 sessions" in c["name"])
+    assert p99_256["value_ms"] == 1280.0 and p99_256["pass"] is False
+    assert "**FAIL** p99 at 256 sessions" in md
