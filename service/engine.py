@@ -41,6 +41,16 @@ log = logging.getLogger("lstm_serve.engine")
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
 
 
+def session_key(owner: str, session_id: str) -> str:
+    """Sessions are keyed per principal, so one principal's ids say nothing about another's
+    (creating an id another principal uses succeeds instead of answering ALREADY_EXISTS)."""
+    return f"{owner}\x1f{session_id}" if owner else session_id
+
+
+def public_id(key: str) -> str:
+    return key.rsplit("\x1f", 1)[-1]
+
+
 # ---- errors (the API layer maps each to a gRPC status) ------------------------------------
 
 
@@ -171,6 +181,10 @@ class _Session:
     dirty: bool = False  # state changed since its last snapshot in the store
     # Set for stored sessions of another checkpoint: refused with FAILED_PRECONDITION.
     foreign_checkpoint: str | None = None
+    @property
+    def key(self) -> str:
+        return session_key(self.owner, self.session_id)
+
     # The most recent step (start position, tokens, result): a retry of it is answered
     # from here instead of being applied twice.
     last_step: tuple[int, tuple[int, ...], StepResult] | None = None
@@ -319,7 +333,7 @@ class Engine:
     def _lookup(self, owner: str, session_id: str) -> _Session:
         if not session_id:
             raise InvalidArgumentError("session_id is required")
-        record = self._sessions.get(session_id)
+        record = self._sessions.get(session_key(owner, session_id))
         if record is None or record.owner != owner:
             raise NotFoundError(f"session {short_id(session_id)} not found (unknown, deleted or expired)")
         return record
@@ -342,11 +356,11 @@ class Engine:
         self._wake.set()
         return await future
 
-    async def _in_session_order(self, session_id: str, fn: Callable[[], Any]) -> Any:
+    async def _in_session_order(self, key: str, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread after the session's queued work."""
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
-        item = WorkItem(session_id, WorkKind.CONTROL, payload=_ControlJob(fn, future))
+        item = WorkItem(key, WorkKind.CONTROL, payload=_ControlJob(fn, future))
         self._inbox.append(item)
         self._wake.set()
         return await future
@@ -358,7 +372,7 @@ class Engine:
         return await self._on_engine(lambda: self._create(owner, ttl, sid))
 
     def _create(self, owner: str, ttl: int, sid: str, copy_from: _Session | None = None) -> SessionInfo:
-        if sid in self._sessions:
+        if session_key(owner, sid) in self._sessions:
             raise AlreadyExistsError(f"session_id {short_id(sid)} is already in use")
         if len(self._sessions) >= self.limits.max_sessions:
             raise ResourceExhaustedError(
@@ -376,9 +390,9 @@ class Engine:
             self._pinned.discard(copy_from.slot)
             self.runner.copy(copy_from.slot, slot)
             record.position = copy_from.position
-        self._sessions[sid] = record
-        self._resident[sid] = None
-        heapq.heappush(self._expiry, (now + ttl, sid))
+        self._sessions[record.key] = record
+        self._resident[record.key] = None
+        heapq.heappush(self._expiry, (now + ttl, record.key))
         if self.store is not None:  # the session exists durably before anyone hears of it
             self.store.save_snapshots([self._snapshot_of(record, with_state=copy_from is not None)])
         if self.metrics is not None:
@@ -400,7 +414,7 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.sessions_deleted_total.inc()
 
-        await self._in_session_order(session_id, delete)
+        await self._in_session_order(session_key(owner, session_id), delete)
 
     async def reset_session(self, owner: str, session_id: str) -> SessionInfo:
         self._check_accepting()
@@ -419,7 +433,7 @@ class Engine:
                 record.dirty = False
             return self._info(record)
 
-        result: SessionInfo = await self._in_session_order(session_id, reset)
+        result: SessionInfo = await self._in_session_order(session_key(owner, session_id), reset)
         return result
 
     async def fork_session(
@@ -436,15 +450,15 @@ class Engine:
             source.last_used = time.monotonic()
             return self._create(owner, ttl, new_id, copy_from=source)
 
-        result: SessionInfo = await self._in_session_order(session_id, fork)
+        result: SessionInfo = await self._in_session_order(session_key(owner, session_id), fork)
         return result
 
     def _remove(self, record: _Session) -> None:
-        if self._sessions.pop(record.session_id, None) is not None:
+        if self._sessions.pop(record.key, None) is not None:
             if record.slot >= 0:
                 self._release_slot(record)
             if self.store is not None:
-                self.store.delete([record.session_id])
+                self.store.delete([record.key])
             if len(self._expiry) > 2 * len(self._sessions) + 1024:  # drop entries of removed sessions
                 self._expiry = [(d, sid) for d, sid in self._expiry if sid in self._sessions]
                 heapq.heapify(self._expiry)
@@ -469,7 +483,7 @@ class Engine:
     def _release_slot(self, record: _Session) -> None:
         self.runner.zero(record.slot)
         self.runner.release(record.slot)
-        self._resident.pop(record.session_id, None)
+        self._resident.pop(record.key, None)
         record.slot = -1
 
     def _evict_one(self) -> None:
@@ -489,17 +503,17 @@ class Engine:
     def _make_resident(self, record: _Session) -> None:
         """Bring a stored session's state onto the device: snapshot + journal replay."""
         if record.slot >= 0:
-            self._resident.move_to_end(record.session_id)
+            self._resident.move_to_end(record.key)
             return
         self._check_model(record)
         assert self.store is not None
-        loaded = self.store.load(record.session_id)
+        loaded = self.store.load(record.key)
         if loaded is None:
             raise NotFoundError(f"session {short_id(record.session_id)} is missing from the state store")
         stored, journal = loaded
         slot = self._allocate_slot()
         record.slot = slot
-        self._resident[record.session_id] = None
+        self._resident[record.key] = None
         if stored.state is not None:
             self.runner.write_state(slot, stored.state)
         position = stored.position
@@ -518,7 +532,7 @@ class Engine:
     def _snapshot_of(self, record: _Session, with_state: bool) -> StoredSession:
         idle = time.monotonic() - record.last_used
         return StoredSession(
-            session_id=record.session_id,
+            session_id=record.key,  # the store keys sessions per principal too
             owner=record.owner,
             created_at=record.created_at,
             ttl=record.ttl,
@@ -544,14 +558,14 @@ class Engine:
         now_wall, now = time.time(), time.monotonic()
         for stored in self.store.sessions():
             record = _Session(
-                stored.session_id, stored.owner, -1, stored.ttl, stored.created_at,
+                public_id(stored.session_id), stored.owner, -1, stored.ttl, stored.created_at,
                 last_used=now - max(0.0, stored.ttl - (stored.expires_at - now_wall)),
                 position=stored.position,
             )
             if stored.checkpoint_sha256 != self.checkpoint.sha256:
                 record.foreign_checkpoint = stored.checkpoint_sha256
-            self._sessions[stored.session_id] = record
-            heapq.heappush(self._expiry, (record.last_used + record.ttl, stored.session_id))
+            self._sessions[record.key] = record
+            heapq.heappush(self._expiry, (record.last_used + record.ttl, record.key))
         if self.durability.restore == "eager":
             for record in list(self._sessions.values())[: self.max_resident]:
                 if record.foreign_checkpoint is None:
@@ -612,7 +626,10 @@ class Engine:
         self._admit(len(tokens))
         future: asyncio.Future[StepResult] = self._loop.create_future()
         job = _StepJob(future, expected_position, options)
-        item = WorkItem(session_id, WorkKind.STEP, tokens=list(tokens), payload=job, enqueued_at=time.monotonic())
+        item = WorkItem(
+            session_key(owner, session_id), WorkKind.STEP, tokens=list(tokens), payload=job,
+            enqueued_at=time.monotonic(),
+        )
         self._inbox.append(item)
         self._wake.set()
         return future, item
@@ -663,7 +680,7 @@ class Engine:
         queue: asyncio.Queue[GeneratedToken | BaseException | None] = asyncio.Queue()
         job = _GenerateJob(queue, expected_position, params, to_signed64(seed))
         item = WorkItem(
-            session_id,
+            session_key(owner, session_id),
             WorkKind.GENERATE,
             tokens=list(prompt),
             generate_tokens=params.max_tokens,
@@ -777,7 +794,7 @@ class Engine:
         try:
             record = self._sessions.get(item.session_key)
             if record is None:
-                raise NotFoundError(f"session {short_id(item.session_key)} was deleted or expired")
+                raise NotFoundError(f"session {short_id(public_id(item.session_key))} was deleted or expired")
             self._make_resident(record)
             self._pinned.add(record.slot)
             if not job.checked:  # first time this request runs
@@ -855,10 +872,10 @@ class Engine:
             item, job = row.item, row.item.payload
             record.last_used = finished_at
             record.dirty = True
-            self._resident.move_to_end(record.session_id)
+            self._resident.move_to_end(record.key)
             if self.store is not None and self.durability.mode == "journal":
                 applied = [out.sampled_token] if row.sample else item.tokens[item.done : item.done + row.num_tokens]
-                journal.append(JournalEntry(record.session_id, record.position, applied))
+                journal.append(JournalEntry(record.key, record.position, applied))
             if row.sample:
                 record.position += 1
                 record.last_step = None

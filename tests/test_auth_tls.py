@@ -374,3 +374,40 @@ def test_logs_never_hold_a_full_session_id_or_token_at_info(tiny_checkpoint: Pat
     for log in (info_log, debug_log):
         assert ALICE_TOKEN not in log
         assert "Traceback" not in log
+
+
+def test_proposing_another_principals_session_id_reveals_nothing(auth_server, tmp_path: Path) -> None:
+    """Ids are scoped to their principal: Bob may create a session with the id Alice uses (no
+    ALREADY_EXISTS oracle), and the two sessions are independent, also across a restart."""
+    srv, channel = auth_server
+    stub = pb_grpc.LstmServiceStub(channel)
+    alice, bob = bearer(ALICE_TOKEN), bearer(BOB_TOKEN)
+    shared = "shared-id-0123456789abcdefXYZ"
+    stub.CreateSession(pb.CreateSessionRequest(session_id=shared), metadata=alice)
+    stub.Step(pb.StepRequest(session_id=shared, text="Alice's text"), metadata=alice)
+    created = stub.CreateSession(pb.CreateSessionRequest(session_id=shared), metadata=bob).session
+    assert created.session_id == shared and created.position == 0
+    assert stub.Step(pb.StepRequest(session_id=shared, text="Bob"), metadata=bob).position == 3
+    assert stub.GetSession(pb.GetSessionRequest(session_id=shared), metadata=alice).session.position == 12
+    # Alice proposing it again is her own conflict.
+    assert rpc_code(stub.CreateSession, pb.CreateSessionRequest(session_id=shared), alice)[0] == Code.ALREADY_EXISTS
+    stub.DeleteSession(pb.DeleteSessionRequest(session_id=shared), metadata=bob)
+    assert stub.GetSession(pb.GetSessionRequest(session_id=shared), metadata=alice).session.position == 12
+    stub.DeleteSession(pb.DeleteSessionRequest(session_id=shared), metadata=alice)
+
+
+def test_per_principal_ids_survive_a_restart(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    tokens = {"auth_tokens_inline": f"alice:{ALICE_TOKEN},bob:{BOB_TOKEN}"}
+    state = {"durability": "snapshot", "state_dir": str(tmp_path / "state")}
+    shared = "restart-id-0123456789abcdefXYZ"
+    alice, bob = bearer(ALICE_TOKEN), bearer(BOB_TOKEN)
+    with run_server(tiny_checkpoint, **tokens, **state) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        for who, text in ((alice, "abcdef"), (bob, "xy")):
+            stub.CreateSession(pb.CreateSessionRequest(session_id=shared), metadata=who)
+            stub.Step(pb.StepRequest(session_id=shared, text=text), metadata=who)
+    with run_server(tiny_checkpoint, **tokens, **state) as srv, grpc.insecure_channel(srv.target) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        assert stub.GetSession(pb.GetSessionRequest(session_id=shared), metadata=alice).session.position == 6
+        assert stub.GetSession(pb.GetSessionRequest(session_id=shared), metadata=bob).session.position == 2
+        assert stub.Step(pb.StepRequest(session_id=shared, text="z", expected_position=2), metadata=bob).position == 3
