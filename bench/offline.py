@@ -22,6 +22,7 @@ import torch
 from bench.loadgen import BenchError
 from bench.stats import summarize_ms
 from model.checkpoint import load_checkpoint
+from model.model import resolve_device
 from service.runner import ModelRunner, RowInput
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,14 +45,6 @@ class OfflineSpec:
     label: str = ""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda but CUDA is not available")
-    return torch.device(name)
-
-
 def run_offline(spec: OfflineSpec) -> dict[str, Any]:
     if spec.batch < 1 or spec.chunk < 1 or spec.duration <= 0:
         raise BenchError("batch and chunk must be >= 1 and duration > 0")
@@ -59,7 +52,10 @@ def run_offline(spec: OfflineSpec) -> dict[str, Any]:
         raise BenchError(f"dtype must be one of {', '.join(DTYPES)}")
     if spec.threads > 0:
         torch.set_num_threads(spec.threads)
-    device = resolve_device(spec.device)
+    try:
+        device = resolve_device(spec.device)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
     checkpoint = load_checkpoint(spec.checkpoint, device=device, dtype=DTYPES[spec.dtype])
     cfg = checkpoint.config
     sessions = max(spec.sessions, spec.batch)

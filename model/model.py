@@ -105,6 +105,15 @@ class CharRNN(nn.Module):
         return self.head(self.drop(out)), new_state
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` is cuda when available, else cpu; the CUDA path differs only in device and dtype."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but CUDA is not available")
+    return torch.device(name)
+
+
 def detach_state(state: State) -> State:
     """Cut the graph behind a carried state (truncated backpropagation through time)."""
     if isinstance(state, tuple):

@@ -38,7 +38,7 @@ from model.checkpoint import (
     sha256_file,
     write_dir_atomically,
 )
-from model.model import CharRNN, ModelConfig, State, count_parameters, detach_state
+from model.model import CharRNN, ModelConfig, State, count_parameters, detach_state, resolve_device
 from model.tokenizer import CharTokenizer
 
 TRAIN_FRACTION = 0.9  # first 90% trains, last 10% validates (the usual split of this corpus)
@@ -152,14 +152,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, set[str]]:
     parser.parse_args(argv, namespace=probe)
     given = {k for k, v in vars(probe).items() if v is not sentinel}
     return TrainArgs(**vars(ns)), given
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("lstm-train: --device cuda but CUDA is not available")
-    return torch.device(name)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -340,7 +332,10 @@ def train(args: TrainArgs) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"lstm-train: {e}") from None
     bf16 = use_bf16(args.precision, device)
     torch.manual_seed(args.seed)
 

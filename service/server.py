@@ -29,6 +29,7 @@ from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
 from model.checkpoint import CheckpointError, load_checkpoint
+from model.model import resolve_device
 from model.tokenizer import UnknownCharacterError
 from service.auth import AuthConfigError, AuthInterceptor, TokenAuth, load_tokens
 from service.config import ServerConfig, parse_config
@@ -68,14 +69,6 @@ STATUS_OF: list[tuple[type[EngineError], grpc.StatusCode]] = [
 ]
 
 T = TypeVar("T")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("lstm-serve: --device cuda but CUDA is not available")
-    return torch.device(name)
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -466,7 +459,10 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
 
     The returned server is not started: `await server.start()`.
     """
-    device = resolve_device(config.device)
+    try:
+        device = resolve_device(config.device)
+    except ValueError as e:
+        raise SystemExit(f"lstm-serve: {e}") from None
     if config.threads:
         torch.set_num_threads(config.threads)
     dtype = _dtype(config.dtype)

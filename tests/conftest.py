@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +25,18 @@ from model.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "tinyshakespeare.txt"
+
+
+def offline_logprobs(ckpt: Any, tokens: list[int]) -> np.ndarray:
+    """The log-softmax of an offline forward over the whole input: what serving must match."""
+    with torch.no_grad():
+        logits, _ = ckpt.model(torch.tensor([tokens]))
+        return torch.log_softmax(logits[0].float(), dim=-1).numpy()
+
+
+def logprobs_of(responses: Any) -> np.ndarray:
+    """The full log-probs of every output of some StepResponses, in order."""
+    return np.array([list(o.logprobs) for r in responses for o in r.outputs], dtype=np.float32)
 
 
 def corpus_text() -> str:

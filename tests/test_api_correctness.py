@@ -17,7 +17,7 @@ from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
 from model.checkpoint import load_checkpoint
-from tests.conftest import RunningServer, corpus_text
+from tests.conftest import RunningServer, corpus_text, logprobs_of, offline_logprobs
 
 TOL = 1e-4
 
@@ -25,16 +25,6 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def offline(tiny_checkpoint: Path):
     return load_checkpoint(tiny_checkpoint)
-
-
-def offline_logprobs(ckpt, tokens: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        logits, _ = ckpt.model(torch.tensor([tokens]))
-        return torch.log_softmax(logits[0].float(), dim=-1).numpy()
-
-
-def logprobs_of(responses: list[pb.StepResponse]) -> np.ndarray:
-    return np.array([list(o.logprobs) for r in responses for o in r.outputs], dtype=np.float32)
 
 
 async def create(stub: pb_grpc.LstmServiceStub, **kw) -> str:

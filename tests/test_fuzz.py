@@ -42,7 +42,7 @@ from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
 from model.checkpoint import load_checkpoint, sha256_file
-from tests.conftest import RunningServer, corpus_text, run_server
+from tests.conftest import RunningServer, corpus_text, offline_logprobs, run_server
 
 Code = grpc.StatusCode
 OK, INVALID, NOT_FOUND, ABORTED = Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.ABORTED
@@ -1000,12 +1000,6 @@ def test_half_open_connections_do_not_block_service(world: World) -> None:
 
 
 # ---- after the run ----------------------------------------------------------------------------------------
-
-
-def offline_logprobs(ckpt: Any, tokens: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        logits, _ = ckpt.model(torch.tensor([tokens]))
-        return torch.log_softmax(logits[0].float(), dim=-1).numpy()
 
 
 def test_zz_after_the_run_server_is_healthy_and_witnesses_match_offline(world: World, tiny_checkpoint: Path) -> None:

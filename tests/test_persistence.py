@@ -14,25 +14,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
 from model.checkpoint import load_checkpoint
 from service.state_store import SqliteStateStore, StateStoreLockedError
-from tests.conftest import corpus_text, make_checkpoint, run_server
+from tests.conftest import corpus_text, logprobs_of, make_checkpoint, offline_logprobs, run_server
 
 TOL = 1e-5
-
-
-def offline_logprobs(ckpt, tokens: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        logits, _ = ckpt.model(torch.tensor([tokens]))
-        return torch.log_softmax(logits[0].float(), dim=-1).numpy()
-
-
-def logprobs_of(responses) -> np.ndarray:
-    return np.array([list(o.logprobs) for r in responses for o in r.outputs], dtype=np.float32)
 
 
 def session_texts(n: int, length: int, seed: int) -> list[str]:
