@@ -81,7 +81,7 @@ class CharRNN(nn.Module):
     ) -> State:
         weight = self.head.weight
         shape = (self.config.num_layers, batch, self.config.hidden_size)
-        kw = {"device": device or weight.device, "dtype": dtype or weight.dtype}
+        kw: dict[str, Any] = {"device": device or weight.device, "dtype": dtype or weight.dtype}
         if self.config.cell_type == "lstm":
             return (torch.zeros(shape, **kw), torch.zeros(shape, **kw))
         return torch.zeros(shape, **kw)

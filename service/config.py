@@ -79,6 +79,11 @@ class ServerConfig:
         default=EngineLimits.max_queued_tokens, metadata={"help": "tokens waiting in the engine, all sessions"}
     )
 
+    max_batch_wait_ms: float = field(
+        default=EngineLimits.max_batch_wait_ms,
+        metadata={"help": "hold a step up to this long for sessions just answered to send again (0 = never)"},
+    )
+
     def engine_limits(self) -> EngineLimits:
         return EngineLimits(
             max_sessions=self.max_sessions,
@@ -90,6 +95,7 @@ class ServerConfig:
             max_batch_tokens=self.max_batch_tokens,
             max_chunk_tokens=self.max_chunk_tokens,
             max_queued_tokens=self.max_queued_tokens,
+            max_batch_wait_ms=self.max_batch_wait_ms,
             max_resident_sessions=self.max_resident_sessions,
         )
 
@@ -147,8 +153,10 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
                  "max_queued_tokens", "max_message_bytes", "max_concurrent_rpcs"):
         if getattr(config, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if config.max_resident_sessions < 0 or config.snapshot_interval_seconds <= 0:
-        parser.error("--max-resident-sessions must be >= 0 and --snapshot-interval-seconds > 0")
+    if config.max_resident_sessions < 0 or config.snapshot_interval_seconds <= 0 or config.max_batch_wait_ms < 0:
+        parser.error(
+            "--max-resident-sessions and --max-batch-wait-ms must be >= 0 and --snapshot-interval-seconds > 0"
+        )
     if bool(config.tls_cert) != bool(config.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:

@@ -93,6 +93,10 @@ class FailedPreconditionError(EngineError):
     pass
 
 
+# A held step waits at most this share of the previous step's duration (see Engine._regroup).
+REGROUP_SHARE_OF_STEP = 0.5
+
+
 # ---- data passed to the API layer ---------------------------------------------------------
 
 
@@ -107,6 +111,9 @@ class EngineLimits:
     max_batch_tokens: int = 4096  # tokens in one engine step
     max_chunk_tokens: int = 64  # tokens of one session in one step (longer inputs are split)
     max_queued_tokens: int = 262_144  # tokens waiting in the engine over all sessions
+    # How long a step may be held for the sessions the previous step answered to send their
+    # next request (0 = never hold); the hold also never exceeds half the previous step.
+    max_batch_wait_ms: float = 20.0
     initial_capacity: int = 64  # state slots allocated at start; the slab grows on demand
     # Sessions whose state is on the device; beyond it, idle sessions are evicted to the
     # state store (LRU). 0 = max_sessions (and without a store it is always max_sessions).
@@ -265,6 +272,11 @@ class Engine:
         self._stopping = False
         self._draining = False
         self.steps_run = 0
+        # For regrouping (see _regroup): the sessions the last step answered, when it ended
+        # and how long it ran.
+        self._answered: list[str] = []
+        self._last_step_end = 0.0
+        self._last_step_seconds = 0.0
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -714,6 +726,7 @@ class Engine:
                 next_expiry_check = now + 1.0
             if self.store is not None and now - self._last_snapshot >= self.durability.snapshot_interval_seconds:
                 self._snapshot_dirty()
+            self._regroup()
             plan = self.scheduler.schedule()
             if not plan:
                 if self.metrics is not None:
@@ -729,17 +742,53 @@ class Engine:
         if self.store is not None:
             self._snapshot_dirty()  # graceful stop: nothing applied is lost
 
-    def _drain_inbox(self) -> None:
+    def _drain_inbox(self) -> list[str]:
+        """Move submitted work to the scheduler; the session keys of the work items moved."""
         deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        added: list[str] = []
         while self._inbox:
             entry = self._inbox.popleft()
             if isinstance(entry, WorkItem):
                 with self._admission:  # from the inbox's count to the scheduler's, atomically
                     self._inbox_tokens -= entry.pending_tokens
                     self.scheduler.add(entry)
+                added.append(entry.session_key)
             else:
                 self._run_control(entry, deliveries)
         self._deliver(deliveries)
+        return added
+
+    def _regroup(self) -> None:
+        """Hold the next step briefly for the sessions the last step answered.
+
+        A client in a loop sends its next request as soon as it has its answer. Stepping at
+        once would run only the sessions that arrived during the last step, and those
+        answered meanwhile a step later: the batch splits into cohorts that alternate, each
+        step runs a fraction of the sessions, and the other cohort's RPC work competes with
+        the model for the CPU while it runs (on 2 cores that slowed 64x16-token steps by
+        half). Waiting for the answered sessions keeps them in one batch. The hold ends when
+        they are all back or the batch is full, and lasts at most max_batch_wait_ms and half
+        the last step, so idle time stays a small share of the work.
+        """
+        answered, self._answered = self._answered, []
+        budget = min(self.limits.max_batch_wait_ms / 1000.0, REGROUP_SHARE_OF_STEP * self._last_step_seconds)
+        if not answered or budget <= 0:
+            return
+        deadline = self._last_step_end + budget
+        scheduler = self.scheduler
+        missing = {key for key in answered if not scheduler.pending(key)}
+        while missing and not self._stopping:
+            if (
+                scheduler.queued_sessions >= self.limits.max_batch_sessions
+                or scheduler.queued_tokens >= self.limits.max_batch_tokens
+            ):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.wait(timeout=remaining)
+            self._wake.clear()
+            missing.difference_update(self._drain_inbox())
 
     def _run_control(self, job: _ControlJob, deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
         try:
@@ -896,8 +945,11 @@ class Engine:
         if journal:
             assert self.store is not None
             self.store.append_journal(journal)  # durable before any response of this step leaves
-        self.scheduler.complete(plan)
+        finished = self.scheduler.complete(plan)
         self._deliver(deliveries)
+        self._answered = [item.session_key for item in finished if item.kind is not WorkKind.CONTROL]
+        self._last_step_end = time.monotonic()
+        self._last_step_seconds = self._last_step_end - started
         self.steps_run += 1
         m = self.metrics
         if m is not None and rows:

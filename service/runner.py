@@ -222,7 +222,7 @@ class ModelRunner:
         # Outputs for the input tokens of step rows (sampling rows report their token only).
         out_rows = [i for i, r in enumerate(rows) if r.sampling is None]
         results = [RowOutput() for _ in rows]
-        host: dict[str, np.ndarray] = {}
+        device_out: dict[str, torch.Tensor] = {}
         offsets: list[int] = []
         if out_rows:
             total = 0
@@ -238,14 +238,14 @@ class ModelRunner:
             k = max(rows[i].top_k for i in out_rows)
             if k > 0:
                 top_lp, top_ix = logp_all.topk(min(k, logp_all.shape[-1]), dim=-1)
-                host["top_lp"], host["top_ix"] = top_lp, top_ix
+                device_out["top_lp"], device_out["top_ix"] = top_lp, top_ix
             if any(rows[i].want_logprobs for i in out_rows):
-                host["logp"] = logp_all
+                device_out["logp"] = logp_all
             if any(rows[i].want_hidden for i in out_rows):
-                host["hidden"] = flat.float()
+                device_out["hidden"] = flat.float()
         if sampled is not None and sampled_logprob is not None:
-            host["sampled"], host["sampled_lp"] = sampled, sampled_logprob
-        host = {name: t.cpu().numpy() for name, t in host.items()}  # the one copy to the host
+            device_out["sampled"], device_out["sampled_lp"] = sampled, sampled_logprob
+        host = {name: t.cpu().numpy() for name, t in device_out.items()}  # the one copy to the host
 
         for j, i in enumerate(out_rows):
             r, start = rows[i], offsets[j]

@@ -97,6 +97,11 @@ class Scheduler:
     def __len__(self) -> int:
         return self.queued_items
 
+    @property
+    def queued_sessions(self) -> int:
+        """Sessions with queued work."""
+        return len(self._order)
+
     def _pop_head(self, key: str) -> None:
         queue = self._queues[key]
         item = queue.popleft()

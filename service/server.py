@@ -88,22 +88,19 @@ def _session_pb(info: SessionInfo) -> pb.Session:
 
 
 def _step_response(result: StepResult) -> pb.StepResponse:
-    outputs = []
-    top_t = result.top_tokens.tolist() if result.top_tokens is not None else None
-    top_l = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-    logp = result.logprobs.tolist() if result.logprobs is not None else None
-    hidden = result.hidden.tolist() if result.hidden is not None else None
-    for i, token in enumerate(result.tokens):
-        outputs.append(
-            pb.TokenOutput(
-                token=token,
-                top_tokens=top_t[i] if top_t is not None else None,
-                top_logprobs=top_l[i] if top_l is not None else None,
-                logprobs=logp[i] if logp is not None else None,
-                hidden=hidden[i] if hidden is not None else None,
-            )
-        )
-    return pb.StepResponse(session_id=result.session_id, position=result.position, outputs=outputs)
+    # Built in place (outputs.add) from whole-array tolist() calls: the cheapest way found to
+    # fill repeated sub-messages from Python (~30% less than constructing TokenOutputs).
+    response = pb.StepResponse(session_id=result.session_id, position=result.position)
+    add = response.outputs.add
+    n = len(result.tokens)
+    none = [None] * n
+    top_t = result.top_tokens.tolist() if result.top_tokens is not None else none
+    top_l = result.top_logprobs.tolist() if result.top_logprobs is not None else none
+    logp = result.logprobs.tolist() if result.logprobs is not None else none
+    hidden = result.hidden.tolist() if result.hidden is not None else none
+    for token, tt, tl, lp, h in zip(result.tokens, top_t, top_l, logp, hidden):
+        add(token=token, top_tokens=tt, top_logprobs=tl, logprobs=lp, hidden=h)
+    return response
 
 
 class RpcError(Exception):
@@ -418,6 +415,9 @@ class LstmServer:
         # out of the collector's sight so full collections stay short (they were the p99 tail).
         gc.collect()
         gc.freeze()
+        # A request allocates a few hundred short-lived objects: at the default threshold (700)
+        # a young collection ran every few requests (~5% of the RPC thread at 256 sessions).
+        gc.set_threshold(20_000, 50, 100)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

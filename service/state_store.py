@@ -162,7 +162,7 @@ class SqliteStateStore:
             "GROUP BY session_id) j ON j.session_id = s.session_id"
         )
         for row in rows:
-            yield StoredSession(*row, state=None)
+            yield StoredSession(*row, state=None)  # type: ignore[misc]  # row: the 7 columns before state
 
     def load(self, session_id: str) -> tuple[StoredSession, list[JournalEntry]] | None:
         row = self.db.execute(
@@ -172,7 +172,7 @@ class SqliteStateStore:
         ).fetchone()
         if row is None:
             return None
-        stored = StoredSession(*row[:7], state=_unpack_state(row[7], row[8]))
+        stored = StoredSession(*row[:7], state=_unpack_state(row[7], row[8]))  # type: ignore[misc]
         journal = [
             JournalEntry(session_id, start, _unpack_tokens(blob))
             for start, blob in self.db.execute(

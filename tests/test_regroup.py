@@ -1,0 +1,88 @@
+"""Regrouping: the engine holds a step briefly for the sessions the previous step answered.
+
+Proven on a real server. The hold is capped by --max-batch-wait-ms and by a share of the
+previous step's duration; the tiny test model steps in about a millisecond, so the tests
+raise that share to make the configured wait the cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from lstmserve_client.proto import lstm_service_pb2 as pb
+from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
+
+import service.engine
+from tests.conftest import run_server
+
+
+@pytest.fixture(autouse=True)
+def wait_capped_by_config_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service.engine, "REGROUP_SHARE_OF_STEP", 1e9)
+
+
+async def sessions(stub: pb_grpc.LstmServiceStub, n: int) -> list[str]:
+    return [(await stub.CreateSession(pb.CreateSessionRequest())).session.session_id for _ in range(n)]
+
+
+def step(stub: pb_grpc.LstmServiceStub, sid: str) -> asyncio.Task[pb.StepResponse]:
+    return asyncio.ensure_future(stub.Step(pb.StepRequest(session_id=sid, tokens=[1, 2])))
+
+
+async def test_held_step_runs_the_returning_session_with_the_waiting_one(tiny_checkpoint: Path) -> None:
+    with run_server(tiny_checkpoint, max_batch_wait_ms=5_000) as srv:
+        async with grpc.aio.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            a, b = await sessions(stub, 2)
+            await step(stub, a)  # a is answered: the engine now expects it back
+            steps_before = srv.engine.steps_run
+            waiting = step(stub, b)
+            await asyncio.sleep(0.3)
+            assert not waiting.done(), "b ran alone instead of waiting for a"
+            started = time.monotonic()
+            returning = await step(stub, a)
+            held = await waiting
+            assert time.monotonic() - started < 2.0  # a's arrival ended the hold, not the 5 s cap
+            assert srv.engine.steps_run == steps_before + 1  # one step ran both
+            assert returning.position == 4 and held.position == 2
+
+
+async def test_hold_ends_at_max_batch_wait(tiny_checkpoint: Path) -> None:
+    with run_server(tiny_checkpoint, max_batch_wait_ms=300) as srv:
+        async with grpc.aio.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            a, b = await sessions(stub, 2)
+            await step(stub, a)
+            started = time.monotonic()
+            result = await step(stub, b)  # a never comes back
+            waited = time.monotonic() - started
+            assert result.position == 2
+            assert 0.15 <= waited < 5.0  # held (most of the 300 ms), then ran without a
+            assert srv.engine.steps_run >= 2
+
+
+async def test_full_batch_is_not_held(tiny_checkpoint: Path) -> None:
+    with run_server(tiny_checkpoint, max_batch_wait_ms=5_000, max_batch_sessions=2) as srv:
+        async with grpc.aio.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            a, b, c = await sessions(stub, 3)
+            await step(stub, a)
+            both = asyncio.gather(step(stub, b), step(stub, c))
+            done, _ = await asyncio.wait([both], timeout=2.0)
+            assert done, "two waiting sessions fill the batch: the step must not wait for a"
+            assert [r.position for r in both.result()] == [2, 2]
+
+
+async def test_zero_max_batch_wait_never_holds(tiny_checkpoint: Path) -> None:
+    with run_server(tiny_checkpoint, max_batch_wait_ms=0) as srv:
+        async with grpc.aio.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            a, b = await sessions(stub, 2)
+            await step(stub, a)
+            waiting = step(stub, b)
+            done, _ = await asyncio.wait([waiting], timeout=2.0)
+            assert done, "with --max-batch-wait-ms 0 a step never waits for returning sessions"
