@@ -13,6 +13,10 @@ from typing import Any
 
 P99_TARGET_MS = 150.0  # p99 at 256 sessions should stay under this
 STEP_MULTIPLE = 3.0  # p99 at 64 token-by-token sessions vs this many median engine steps
+# (sessions, chunk, served/offline at least this): the issue's throughput targets.
+RATIO_TARGETS = ((256, 1, 0.3), (64, 16, 0.75))
+UNBATCHED_TARGET = 8.0  # served/unbatched at 256 token-by-token sessions
+MEMORY_OVERHEAD_TARGET_PCT = 25.0  # idle sessions: RSS over raw state bytes
 
 
 # ---- machine ---------------------------------------------------------------------------------
@@ -156,20 +160,32 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def _check(name: str, value: float, limit: float, unit: str) -> dict[str, Any]:
+    """A target: a latency ("ms") or overhead ("%") stays at or under its limit, a ratio ("x") reaches it."""
+    ok = value >= limit if unit == "x" else value <= limit
+    return {"name": name, "value": value, "limit": limit, "unit": unit, "pass": ok}
+
+
 def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
-    """The pass/fail statements for one model of a sweep."""
+    """The pass/fail statements for one model of a sweep (the issue's targets)."""
     checks: list[dict[str, Any]] = []
-    served = m.get("served", [])
+    served, offline, unbatched = m.get("served", []), m.get("offline", []), m.get("unbatched", [])
+    for n, chunk, target in RATIO_TARGETS:
+        cell = _find(served, n, chunk)
+        ratio = _ratio(cell and cell.get("tokens_per_s"), (_find(offline, n, chunk) or {}).get("tokens_per_s"))
+        if ratio is not None:
+            checks.append(_check(f"served/offline at {n} sessions, chunk {chunk}", ratio, target, "x"))
     c256 = _find(served, 256, 1)
+    ratio = _ratio(c256 and c256.get("tokens_per_s"), (_find(unbatched, 256, 1) or {}).get("tokens_per_s"))
+    if ratio is not None:
+        checks.append(_check("served/unbatched at 256 sessions, chunk 1", ratio, UNBATCHED_TARGET, "x"))
     if c256 and c256.get("latency_ms"):
-        p99 = c256["latency_ms"]["p99"]
-        checks.append({"name": "p99 at 256 sessions (token by token, closed loop)", "value_ms": p99,
-                       "limit_ms": P99_TARGET_MS, "pass": p99 <= P99_TARGET_MS})
+        checks.append(_check("p99 at 256 sessions (token by token, closed loop)", c256["latency_ms"]["p99"],
+                             P99_TARGET_MS, "ms"))
     for o in m.get("open", []):
         if o.get("sessions") == 256 and o.get("latency_ms"):
-            p99 = o["latency_ms"]["p99"]
-            checks.append({"name": f"p99 at 256 sessions, open loop at {fmt(o.get('rate_target'), 0)} req/s",
-                           "value_ms": p99, "limit_ms": P99_TARGET_MS, "pass": p99 <= P99_TARGET_MS})
+            checks.append(_check(f"p99 at 256 sessions, open loop at {fmt(o.get('rate_target'), 0)} req/s",
+                                 o["latency_ms"]["p99"], P99_TARGET_MS, "ms"))
     c64 = _find(served, 64, 1)
     if c64 and c64.get("latency_ms"):
         p99 = c64["latency_ms"]["p99"]
@@ -177,15 +193,20 @@ def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
         srv = (c64.get("server_window") or {}).get("step_ms")
         if srv and srv.get("p50"):
             sources.append(("server /metrics lstm_step_duration_seconds (bucket-interpolated)", srv["p50"]))
-        off = _find(m.get("offline", []), 64, 1)
+        off = _find(offline, 64, 1)
         if off and off.get("step_ms"):
             sources.append(("offline runner.execute at batch 64", off["step_ms"]["p50"]))
         for source, median in sources:
-            limit = STEP_MULTIPLE * median
-            checks.append({"name": f"p99 at 64 sessions (token by token) vs {STEP_MULTIPLE:g}x median step "
-                                   f"({source}: {fmt(median, 2)} ms)",
-                           "value_ms": p99, "limit_ms": limit, "pass": p99 <= limit})
+            checks.append(_check(f"p99 at 64 sessions (token by token) vs {STEP_MULTIPLE:g}x median step "
+                                 f"({source}: {fmt(median, 2)} ms)", p99, STEP_MULTIPLE * median, "ms"))
     return checks
+
+
+def render_check(c: dict[str, Any]) -> str:
+    mark = "PASS" if c["pass"] else "FAIL"
+    if c["unit"] in ("ms", "%"):
+        return f"- **{mark}** {c['name']}: {fmt(c['value'], 1)} {c['unit']} (limit {fmt(c['limit'], 1)} {c['unit']})"
+    return f"- **{mark}** {c['name']}: {c['value']:.2f}× (target ≥ {c['limit']:g}×)"
 
 
 def _model_title(m: dict[str, Any]) -> str:
@@ -276,9 +297,7 @@ def render_model_section(m: dict[str, Any], img_prefix: str) -> str:
     checks = model_checks(m)
     if checks:
         out += ["### Checks", ""]
-        for c in checks:
-            mark = "PASS" if c["pass"] else "FAIL"
-            out.append(f"- **{mark}** {c['name']}: {fmt(c['value_ms'], 1)} ms (limit {fmt(c['limit_ms'], 1)} ms)")
+        out += [render_check(c) for c in checks]
         out.append("")
     return "\n".join(out)
 
@@ -304,6 +323,8 @@ def render_memory(mem: dict[str, Any] | None) -> str:
         "",
         "Overhead = (RSS delta − raw state bytes) / raw state bytes: the session records, indexes and any "
         "spare slab capacity.", "",
+        render_check(_check(f"memory overhead of {mem['sessions']:,} idle sessions over raw state bytes",
+                            mem["overhead_pct"], MEMORY_OVERHEAD_TARGET_PCT, "%")), "",
     ]
     return "\n".join(out)
 
@@ -339,6 +360,9 @@ def render_sweep(sweep: dict[str, Any], img_prefix: str = "img/") -> str:
         "- Offline: `service.runner.ModelRunner.execute` in a process of its own (same CPUs and threads as the "
         "server): gather state rows, one model call, scatter, log-softmax, top-k 5, copy to host; batch = "
         "min(N, max batch sessions, max batch tokens / chunk).",
+        "- Server: `lstm-serve` spawned per model at its defaults (durability snapshot every 5 s into a state "
+        "store in a temporary directory, `--max-batch-wait-ms 20`)"
+        + (f" plus `{' '.join(cfg['server_args'])}`" if cfg.get("server_args") else "") + ".",
         "- Unbatched: the same server with `--max-batch-sessions 1`.",
         "- Engine step times come from the server's `lstm_step_duration_seconds` histogram (differences of two "
         "scrapes, quantiles interpolated within buckets).",

@@ -5,8 +5,9 @@
         server.rss_bytes()   # resident memory of the server process
         server.scrape()      # {sample name: [(labels, value), ...]} from /metrics
 
-The server is started with `--port 0 --port-file FILE` (it writes the port once it
-serves) and `--metrics-port 0` on 127.0.0.1; the metrics port is read from its log.
+The server is started with `--port 0 --port-file FILE` (it writes the port once it serves),
+`--metrics-port 0` on 127.0.0.1 (the metrics port is read from its log) and a state store in
+a temporary directory (at its default durability, snapshot, unless the extra flags say otherwise).
 With `cpus`, it runs under `taskset -c CPUS` and with --threads = the number of CPUs
 (unless the extra flags set --threads).
 """
@@ -89,6 +90,9 @@ class SpawnedServer:
         cmd = [*server_command(), "--checkpoint", str(self.checkpoint), "--host", "127.0.0.1", "--port", "0",
                "--port-file", str(port_file), "--metrics-port", "0" if self.metrics else "-1",
                "--log-level", "info"]
+        if "--state-dir" not in self.extra_args:
+            # A store of its own: never the user's ./state, never sessions left by an earlier run.
+            cmd += ["--state-dir", str(Path(self._tmp.name) / "state")]
         if self.cpus is not None and "--threads" not in self.extra_args:
             cmd += ["--threads", str(len(parse_cpus(self.cpus)))]
         cmd += self.extra_args
