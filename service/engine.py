@@ -777,18 +777,23 @@ class Engine:
         deadline = self._last_step_end + budget
         scheduler = self.scheduler
         missing = {key for key in answered if not scheduler.pending(key)}
+        if not missing:
+            return
+        held_from = time.monotonic()
         while missing and not self._stopping:
             if (
                 scheduler.queued_sessions >= self.limits.max_batch_sessions
                 or scheduler.queued_tokens >= self.limits.max_batch_tokens
             ):
-                return
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return
+                break
             self._wake.wait(timeout=remaining)
             self._wake.clear()
             missing.difference_update(self._drain_inbox())
+        if self.metrics is not None:
+            self.metrics.batch_hold_seconds.observe(time.monotonic() - held_from)
 
     def _run_control(self, job: _ControlJob, deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
         try:
@@ -946,10 +951,8 @@ class Engine:
             assert self.store is not None
             self.store.append_journal(journal)  # durable before any response of this step leaves
         finished = self.scheduler.complete(plan)
-        self._deliver(deliveries)
+        # Counted before the answers leave, so a client that has its answer sees the step counted.
         self._answered = [item.session_key for item in finished if item.kind is not WorkKind.CONTROL]
-        self._last_step_end = time.monotonic()
-        self._last_step_seconds = self._last_step_end - started
         self.steps_run += 1
         m = self.metrics
         if m is not None and rows:
@@ -961,6 +964,9 @@ class Engine:
                 m.tokens_total.labels(kind="input").inc(input_tokens)
             if generated:
                 m.tokens_total.labels(kind="generated").inc(generated)
+        self._last_step_end = time.monotonic()
+        self._last_step_seconds = self._last_step_end - started
+        self._deliver(deliveries)
 
     def _emit_token(
         self,

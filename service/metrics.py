@@ -106,6 +106,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_hold_seconds = Histogram(
+            "lstm_batch_hold_seconds",
+            "Time a step was held for the sessions the previous step answered (--max-batch-wait-ms).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("lstm_queue_depth", "Units of work waiting in the engine queue.", registry=r)
 
         # Generation latency

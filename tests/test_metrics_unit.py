@@ -29,6 +29,7 @@ EXPECTED = {  # family name (as the parser reports it) -> type
     "lstm_batch_tokens": "histogram",
     "lstm_step_duration_seconds": "histogram",
     "lstm_queue_wait_seconds": "histogram",
+    "lstm_batch_hold_seconds": "histogram",
     "lstm_queue_depth": "gauge",
     "lstm_time_to_first_token_seconds": "histogram",
     "lstm_inter_token_latency_seconds": "histogram",

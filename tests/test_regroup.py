@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 import service.engine
-from tests.conftest import run_server
+from tests.conftest import RunningServer, run_server
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +29,18 @@ def wait_capped_by_config_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def sessions(stub: pb_grpc.LstmServiceStub, n: int) -> list[str]:
     return [(await stub.CreateSession(pb.CreateSessionRequest())).session.session_id for _ in range(n)]
+
+
+def scrape(srv: RunningServer, family: str) -> dict[str, float]:
+    """The _sum and _count of a histogram, from the server's real /metrics endpoint."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(body):
+        if fam.name == family:
+            for sample in fam.samples:
+                if sample.name in (f"{family}_sum", f"{family}_count"):
+                    out[sample.name.rsplit("_", 1)[1]] = sample.value
+    return out
 
 
 def step(stub: pb_grpc.LstmServiceStub, sid: str) -> asyncio.Task[pb.StepResponse]:
@@ -49,6 +63,8 @@ async def test_held_step_runs_the_returning_session_with_the_waiting_one(tiny_ch
             assert time.monotonic() - started < 2.0  # a's arrival ended the hold, not the 5 s cap
             assert srv.engine.steps_run == steps_before + 1  # one step ran both
             assert returning.position == 4 and held.position == 2
+        hold = scrape(srv, "lstm_batch_hold_seconds")
+        assert hold["count"] >= 1 and hold["sum"] >= 0.25  # the wait for a is on /metrics
 
 
 async def test_hold_ends_at_max_batch_wait(tiny_checkpoint: Path) -> None:
