@@ -93,8 +93,14 @@ class FailedPreconditionError(EngineError):
     pass
 
 
-# A held step waits at most this share of the previous step's duration (see Engine._regroup).
+# Holding a step for returning sessions (see Engine._regroup): at most this share of the
+# previous step's duration; only while a moving average (this weight per hold) of the share
+# of sessions that came back in time stays at or above the minimum; else one step in
+# REGROUP_PROBE_EVERY still holds.
 REGROUP_SHARE_OF_STEP = 0.5
+REGROUP_MIN_RETURN_RATE = 0.5
+REGROUP_RATE_WEIGHT = 0.2
+REGROUP_PROBE_EVERY = 20
 
 
 # ---- data passed to the API layer ---------------------------------------------------------
@@ -277,6 +283,8 @@ class Engine:
         self._answered: list[str] = []
         self._last_step_end = 0.0
         self._last_step_seconds = 0.0
+        self._return_rate = 1.0  # moving average of the share of waited-for sessions that came back
+        self._steps_since_hold = 0
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -769,22 +777,34 @@ class Engine:
         half). Waiting for the answered sessions keeps them in one batch. The hold ends when
         they are all back or the batch is full, and lasts at most max_batch_wait_ms and half
         the last step, so idle time stays a small share of the work.
+
+        Clients that do not answer back at once (independent arrivals) only pay for a hold:
+        it measured p99 128 -> 174 ms at 256 sessions in open loop. So holds continue only
+        while, on average, most of the sessions waited for came back in time; otherwise one
+        step in REGROUP_PROBE_EVERY holds, to notice when the traffic turns into loops again.
         """
         answered, self._answered = self._answered, []
         budget = min(self.limits.max_batch_wait_ms / 1000.0, REGROUP_SHARE_OF_STEP * self._last_step_seconds)
         if not answered or budget <= 0:
+            return
+        self._steps_since_hold += 1
+        if self._return_rate < REGROUP_MIN_RETURN_RATE and self._steps_since_hold < REGROUP_PROBE_EVERY:
             return
         deadline = self._last_step_end + budget
         scheduler = self.scheduler
         missing = {key for key in answered if not scheduler.pending(key)}
         if not missing:
             return
+        waited_for = len(missing)
         held_from = time.monotonic()
+        self._steps_since_hold = 0
+        batch_full = False
         while missing and not self._stopping:
             if (
                 scheduler.queued_sessions >= self.limits.max_batch_sessions
                 or scheduler.queued_tokens >= self.limits.max_batch_tokens
             ):
+                batch_full = True
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -792,6 +812,9 @@ class Engine:
             self._wake.wait(timeout=remaining)
             self._wake.clear()
             missing.difference_update(self._drain_inbox())
+        if not batch_full:  # a hold cut short by a full batch says nothing about the clients
+            returned = (waited_for - len(missing)) / waited_for
+            self._return_rate += REGROUP_RATE_WEIGHT * (returned - self._return_rate)
         if self.metrics is not None:
             self.metrics.batch_hold_seconds.observe(time.monotonic() - held_from)
 

@@ -102,3 +102,21 @@ async def test_zero_max_batch_wait_never_holds(tiny_checkpoint: Path) -> None:
             waiting = step(stub, b)
             done, _ = await asyncio.wait([waiting], timeout=2.0)
             assert done, "with --max-batch-wait-ms 0 a step never waits for returning sessions"
+
+
+async def test_holds_stop_when_answered_sessions_do_not_come_back(tiny_checkpoint: Path) -> None:
+    # Two sessions used one after the other: every hold waits for a session that only comes
+    # back after the held one's answer, so each hold runs to its end with nobody back. After a
+    # few such holds the engine stops holding (until its periodic probe, 20 steps later).
+    with run_server(tiny_checkpoint, max_batch_wait_ms=300) as srv:
+        async with grpc.aio.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            a, b = await sessions(stub, 2)
+            await step(stub, a)
+            latencies = []
+            for sid in (b, a) * 4:
+                started = time.monotonic()
+                await step(stub, sid)
+                latencies.append(time.monotonic() - started)
+    assert all(t >= 0.2 for t in latencies[:4]), latencies  # held while the return rate was high
+    assert all(t < 0.15 for t in latencies[5:]), latencies  # then no longer
