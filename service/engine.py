@@ -549,8 +549,10 @@ class Engine:
         record.position = position
         record.dirty = bool(journal)
 
-    def _snapshot_of(self, record: _Session, with_state: bool) -> StoredSession:
+    def _snapshot_of(self, record: _Session, with_state: bool, state: list[np.ndarray] | None = None) -> StoredSession:
         idle = time.monotonic() - record.last_used
+        if state is None and with_state and record.slot >= 0:
+            state = self.runner.read_state(record.slot)
         return StoredSession(
             session_id=record.key,  # the store keys sessions per principal too
             owner=record.owner,
@@ -559,14 +561,17 @@ class Engine:
             expires_at=time.time() - idle + record.ttl,
             checkpoint_sha256=self.checkpoint.sha256,
             position=record.position,
-            state=self.runner.read_state(record.slot) if with_state and record.slot >= 0 else None,
+            state=state,
         )
 
     def _snapshot_dirty(self) -> None:
         assert self.store is not None
         dirty = [r for sid in self._resident if (r := self._sessions[sid]).dirty]
         if dirty:
-            self.store.save_snapshots(self._snapshot_of(r, with_state=True) for r in dirty)
+            # One gather for all of them: per-session reads paused the engine ~40-70 ms at 256
+            # sessions (the p99 of a 256-session load every snapshot interval).
+            states = self.runner.read_states([r.slot for r in dirty])
+            self.store.save_snapshots([self._snapshot_of(r, True, state) for r, state in zip(dirty, states)])
             for r in dirty:
                 r.dirty = False
         self._last_snapshot = time.monotonic()

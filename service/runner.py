@@ -134,6 +134,15 @@ class ModelRunner:
         return [slab[:, slot].float().cpu().numpy() for slab in self.slabs]
 
     @torch.inference_mode()
+    def read_states(self, slots: list[int]) -> list[list[np.ndarray]]:
+        """Several slots' state tensors on the host (one gather and one copy per slab)."""
+        if not slots:
+            return []
+        index = torch.tensor(slots, device=self.device)
+        parts = [slab.index_select(1, index).float().cpu().numpy() for slab in self.slabs]  # [layers, n, hidden]
+        return [[np.ascontiguousarray(part[:, i]) for part in parts] for i in range(len(slots))]
+
+    @torch.inference_mode()
     def write_state(self, slot: int, state: list[np.ndarray]) -> None:
         if len(state) != len(self.slabs):
             raise ValueError(f"state has {len(state)} tensors, the model keeps {len(self.slabs)}")

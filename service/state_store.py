@@ -12,6 +12,7 @@ All calls come from the engine thread.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import sqlite3
 import time
@@ -95,11 +96,18 @@ CREATE INDEX IF NOT EXISTS sessions_expiry ON sessions (expires_at);
 """
 
 
+@functools.lru_cache(maxsize=64)
+def _state_meta(layout: tuple[tuple[str, tuple[int, ...]], ...]) -> str:
+    return json.dumps([{"dtype": dtype, "shape": list(shape)} for dtype, shape in layout])
+
+
 def _pack_state(state: list[np.ndarray] | None) -> tuple[bytes | None, str | None]:
     if state is None:
         return None, None
-    meta = [{"dtype": str(a.dtype), "shape": list(a.shape)} for a in state]
-    return b"".join(np.ascontiguousarray(a).tobytes() for a in state), json.dumps(meta)
+    # Every session of a model has the same layout: its JSON is built once (snapshots of
+    # hundreds of sessions run on the engine thread, between steps).
+    meta = _state_meta(tuple((a.dtype.str, a.shape) for a in state))
+    return b"".join(np.ascontiguousarray(a).tobytes() for a in state), meta
 
 
 def _unpack_state(blob: bytes | None, meta: str | None) -> list[np.ndarray] | None:
@@ -184,18 +192,20 @@ class SqliteStateStore:
         return stored, journal
 
     def save_snapshots(self, snapshots: Iterable[StoredSession]) -> None:
+        rows = []
+        for s in snapshots:
+            blob, meta = _pack_state(s.state)
+            rows.append((s.session_id, s.owner, s.created_at, s.ttl, s.expires_at, s.checkpoint_sha256, s.position,
+                         blob, meta))
         with self._transaction():
-            for s in snapshots:
-                blob, meta = _pack_state(s.state)
-                self.db.execute(
-                    "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
-                    "expires_at=excluded.expires_at, ttl=excluded.ttl, position=excluded.position, "
-                    "state=excluded.state, state_meta=excluded.state_meta",
-                    (s.session_id, s.owner, s.created_at, s.ttl, s.expires_at, s.checkpoint_sha256, s.position,
-                     blob, meta),
-                )
-                # The snapshot holds every token applied so far: the journal before it is done.
-                self.db.execute("DELETE FROM journal WHERE session_id = ?", (s.session_id,))
+            self.db.executemany(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
+                "expires_at=excluded.expires_at, ttl=excluded.ttl, position=excluded.position, "
+                "state=excluded.state, state_meta=excluded.state_meta",
+                rows,
+            )
+            # The snapshots hold every token applied so far: the journal before them is done.
+            self.db.executemany("DELETE FROM journal WHERE session_id = ?", [(row[0],) for row in rows])
 
     def append_journal(self, entries: Iterable[JournalEntry]) -> None:
         with self._transaction():
