@@ -131,7 +131,7 @@ class ModelRunner:
     @torch.inference_mode()
     def read_state(self, slot: int) -> list[np.ndarray]:
         """A slot's state tensors on the host, [layers, hidden] each."""
-        return [slab[:, slot].float().cpu().numpy() for slab in self.slabs]
+        return self.read_states([slot])[0]
 
     @torch.inference_mode()
     def read_states(self, slots: list[int]) -> list[list[np.ndarray]]:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from model.checkpoint import save_checkpoint
 from model.model import CharRNN, ModelConfig
@@ -85,6 +87,20 @@ class RunningServer:
     def call(self, coro: Any, timeout: float = 30) -> Any:
         """Run a coroutine on the server's loop (e.g. to inspect or stop it)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a server's real /metrics endpoint, by (name, sorted labels)."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 @contextlib.contextmanager

@@ -8,18 +8,19 @@ raise that share to make the configured wait the cap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 import service.engine
-from tests.conftest import RunningServer, run_server
+from tests.conftest import RunningServer, run_server, scrape, value
 
 
 @pytest.fixture(autouse=True)
@@ -27,96 +28,78 @@ def wait_capped_by_config_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(service.engine, "REGROUP_SHARE_OF_STEP", 1e9)
 
 
-async def sessions(stub: pb_grpc.LstmServiceStub, n: int) -> list[str]:
-    return [(await stub.CreateSession(pb.CreateSessionRequest())).session.session_id for _ in range(n)]
-
-
-def scrape(srv: RunningServer, family: str) -> dict[str, float]:
-    """The _sum and _count of a histogram, from the server's real /metrics endpoint."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(body):
-        if fam.name == family:
-            for sample in fam.samples:
-                if sample.name in (f"{family}_sum", f"{family}_count"):
-                    out[sample.name.rsplit("_", 1)[1]] = sample.value
-    return out
-
-
 def step(stub: pb_grpc.LstmServiceStub, sid: str) -> asyncio.Task[pb.StepResponse]:
     return asyncio.ensure_future(stub.Step(pb.StepRequest(session_id=sid, tokens=[1, 2])))
 
 
-async def test_held_step_runs_the_returning_session_with_the_waiting_one(tiny_checkpoint: Path) -> None:
-    with run_server(tiny_checkpoint, max_batch_wait_ms=5_000) as srv:
+@contextlib.asynccontextmanager
+async def first_answered(
+    checkpoint: Path, sessions: int = 2, **overrides: Any
+) -> AsyncIterator[tuple[RunningServer, pb_grpc.LstmServiceStub, list[str]]]:
+    """A real server with `sessions` sessions, the first of them just answered (so the
+    engine now waits for it to come back)."""
+    with run_server(checkpoint, **overrides) as srv:
         async with grpc.aio.insecure_channel(srv.target) as channel:
             stub = pb_grpc.LstmServiceStub(channel)
-            a, b = await sessions(stub, 2)
-            await step(stub, a)  # a is answered: the engine now expects it back
-            steps_before = srv.engine.steps_run
-            waiting = step(stub, b)
-            await asyncio.sleep(0.3)
-            assert not waiting.done(), "b ran alone instead of waiting for a"
-            started = time.monotonic()
-            returning = await step(stub, a)
-            held = await waiting
-            assert time.monotonic() - started < 2.0  # a's arrival ended the hold, not the 5 s cap
-            assert srv.engine.steps_run == steps_before + 1  # one step ran both
-            assert returning.position == 4 and held.position == 2
-        hold = scrape(srv, "lstm_batch_hold_seconds")
-        assert hold["count"] >= 1 and hold["sum"] >= 0.25  # the wait for a is on /metrics
+            ids = [(await stub.CreateSession(pb.CreateSessionRequest())).session.session_id for _ in range(sessions)]
+            await step(stub, ids[0])
+            yield srv, stub, ids
+
+
+async def test_held_step_runs_the_returning_session_with_the_waiting_one(tiny_checkpoint: Path) -> None:
+    async with first_answered(tiny_checkpoint, max_batch_wait_ms=5_000) as (srv, stub, (a, b)):
+        steps_before = srv.engine.steps_run
+        waiting = step(stub, b)
+        await asyncio.sleep(0.3)
+        assert not waiting.done(), "b ran alone instead of waiting for a"
+        started = time.monotonic()
+        returning = await step(stub, a)
+        held = await waiting
+        assert time.monotonic() - started < 2.0  # a's arrival ended the hold, not the 5 s cap
+        assert srv.engine.steps_run == steps_before + 1  # one step ran both
+        assert returning.position == 4 and held.position == 2
+        samples = scrape(srv.metrics_port)
+    # the wait for a is on /metrics
+    assert value(samples, "lstm_batch_hold_seconds_count") >= 1
+    assert value(samples, "lstm_batch_hold_seconds_sum") >= 0.25
 
 
 async def test_hold_ends_at_max_batch_wait(tiny_checkpoint: Path) -> None:
-    with run_server(tiny_checkpoint, max_batch_wait_ms=300) as srv:
-        async with grpc.aio.insecure_channel(srv.target) as channel:
-            stub = pb_grpc.LstmServiceStub(channel)
-            a, b = await sessions(stub, 2)
-            await step(stub, a)
-            started = time.monotonic()
-            result = await step(stub, b)  # a never comes back
-            waited = time.monotonic() - started
-            assert result.position == 2
-            assert 0.15 <= waited < 5.0  # held (most of the 300 ms), then ran without a
-            assert srv.engine.steps_run >= 2
+    async with first_answered(tiny_checkpoint, max_batch_wait_ms=300) as (srv, stub, (_, b)):
+        started = time.monotonic()
+        result = await step(stub, b)  # a never comes back
+        waited = time.monotonic() - started
+        assert result.position == 2
+        assert 0.15 <= waited < 5.0  # held (most of the 300 ms), then ran without a
+        assert srv.engine.steps_run >= 2
 
 
 async def test_full_batch_is_not_held(tiny_checkpoint: Path) -> None:
-    with run_server(tiny_checkpoint, max_batch_wait_ms=5_000, max_batch_sessions=2) as srv:
-        async with grpc.aio.insecure_channel(srv.target) as channel:
-            stub = pb_grpc.LstmServiceStub(channel)
-            a, b, c = await sessions(stub, 3)
-            await step(stub, a)
-            both = asyncio.gather(step(stub, b), step(stub, c))
-            done, _ = await asyncio.wait([both], timeout=2.0)
-            assert done, "two waiting sessions fill the batch: the step must not wait for a"
-            assert [r.position for r in both.result()] == [2, 2]
+    async with first_answered(tiny_checkpoint, 3, max_batch_wait_ms=5_000, max_batch_sessions=2) as (
+        _, stub, (_, b, c)
+    ):
+        both = asyncio.gather(step(stub, b), step(stub, c))
+        done, _ = await asyncio.wait([both], timeout=2.0)
+        assert done, "two waiting sessions fill the batch: the step must not wait for a"
+        assert [r.position for r in both.result()] == [2, 2]
 
 
 async def test_zero_max_batch_wait_never_holds(tiny_checkpoint: Path) -> None:
-    with run_server(tiny_checkpoint, max_batch_wait_ms=0) as srv:
-        async with grpc.aio.insecure_channel(srv.target) as channel:
-            stub = pb_grpc.LstmServiceStub(channel)
-            a, b = await sessions(stub, 2)
-            await step(stub, a)
-            waiting = step(stub, b)
-            done, _ = await asyncio.wait([waiting], timeout=2.0)
-            assert done, "with --max-batch-wait-ms 0 a step never waits for returning sessions"
+    async with first_answered(tiny_checkpoint, max_batch_wait_ms=0) as (_, stub, (_, b)):
+        waiting = step(stub, b)
+        done, _ = await asyncio.wait([waiting], timeout=2.0)
+        assert done, "with --max-batch-wait-ms 0 a step never waits for returning sessions"
 
 
 async def test_holds_stop_when_answered_sessions_do_not_come_back(tiny_checkpoint: Path) -> None:
     # Two sessions used one after the other: every hold waits for a session that only comes
     # back after the held one's answer, so each hold runs to its end with nobody back. After a
     # few such holds the engine stops holding (until its periodic probe, 20 steps later).
-    with run_server(tiny_checkpoint, max_batch_wait_ms=300) as srv:
-        async with grpc.aio.insecure_channel(srv.target) as channel:
-            stub = pb_grpc.LstmServiceStub(channel)
-            a, b = await sessions(stub, 2)
-            await step(stub, a)
-            latencies = []
-            for sid in (b, a) * 6:
-                started = time.monotonic()
-                await step(stub, sid)
-                latencies.append(time.monotonic() - started)
+    async with first_answered(tiny_checkpoint, max_batch_wait_ms=300) as (_, stub, (a, b)):
+        latencies = []
+        for sid in (b, a) * 6:
+            started = time.monotonic()
+            await step(stub, sid)
+            latencies.append(time.monotonic() - started)
     assert all(t >= 0.2 for t in latencies[:4]), latencies  # held while the return rate was high
     assert all(t < 0.15 for t in latencies[9:]), latencies  # then no longer (0.8**8 < 0.2)
