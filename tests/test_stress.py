@@ -363,11 +363,14 @@ MAX_SESSIONS = 1100
 MAX_RPCS = 1100
 REQUESTS_PER_STREAM = 4
 CHECKED = 16  # streams whose log-probabilities are compared with an offline forward
-# After a warm-up round, another full round (and deleting its sessions) may leave the server's RSS at most
-# this far above where the warm-up left it. The state of 1,100 sessions of the tiny model is ~0.5 MiB and
+# After two warm-up rounds, two more full rounds (each deleting its sessions) may peak at most this far above
+# the warm-up rounds' peak. Measured: RSS climbs for two to three rounds, then stays flat within ~10 MiB
+# (5 rounds: peaks 304, 317, 330, 330, 324 MiB); comparing one round with the next failed CI once on
+# warm-up alone (+25 MiB from round 1 to round 2). The state of 1,100 sessions of the tiny model is ~0.5 MiB and
 # the state slab never shrinks by design (it is counted in the warm-up); what remains is allocator slack
 # (glibc keeps freed heap pages in its arenas) and grpc's per-connection buffers, a few MiB. A leak of
-# anything per stream or per message (5,000 messages, 1,000 sessions, ~1,500 refused calls) shows up as more.
+# anything per stream or per message (5,000 messages, 1,000 sessions, ~1,500 refused calls per round) grows
+# with every round and shows up as more: 12 KiB per stream is 24 MiB over two rounds.
 RSS_TOLERANCE = 24 * MiB
 
 
@@ -379,6 +382,10 @@ class Round:
     rss_loaded: int
     rss_deleted: int
     seconds: float
+
+    @property
+    def peak_rss(self) -> int:
+        return max(self.rss_open, self.rss_loaded, self.rss_deleted)
 
 
 async def load_round(srv: ServerProcess, stubs: list[pb_grpc.LstmServiceStub], ckpt, seed: int) -> Round:
@@ -531,9 +538,9 @@ def _why(error: grpc.aio.AioRpcError) -> str:
 
 
 async def test_1000_concurrent_streams_and_bursts_past_the_limits(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """Two rounds of: 1,000 StreamSteps streams held open at once over 8 channels, bursts past every limit
-    while they are open, the streams finish, all sessions deleted. The first round warms up (slab growth,
-    allocator arenas, connection buffers); the second must leave memory where the first did."""
+    """Four rounds of: 1,000 StreamSteps streams held open at once over 8 channels, bursts past every limit
+    while they are open, the streams finish, all sessions deleted. The first two rounds warm up (slab
+    growth, allocator arenas, connection buffers); the last two must not climb past where those peaked."""
     ckpt = load_checkpoint(tiny_checkpoint)
     args = ["--max-sessions", str(MAX_SESSIONS), "--max-concurrent-rpcs", str(MAX_RPCS),
             "--max-queued-tokens", "30000"]
@@ -544,7 +551,7 @@ async def test_1000_concurrent_streams_and_bursts_past_the_limits(tiny_checkpoin
             stubs = [pb_grpc.LstmServiceStub(c) for c in channels]
             for stub, channel in zip(stubs, channels):
                 stub._channel = channel  # type: ignore[attr-defined]
-            rounds = [await load_round(srv, stubs, ckpt, seed) for seed in (1, 2)]
+            rounds = [await load_round(srv, stubs, ckpt, seed) for seed in (1, 2, 3, 4)]
             health = health_pb2_grpc.HealthStub(channels[0])
             status = (await health.Check(health_pb2.HealthCheckRequest())).status
             assert status == health_pb2.HealthCheckResponse.SERVING
@@ -564,9 +571,9 @@ async def test_1000_concurrent_streams_and_bursts_past_the_limits(tiny_checkpoin
             assert not any("other" in k for codes in r.burst_codes.values() for k in codes)
             assert r.burst_codes["sessions"]["EXHAUSTED sessions (retry-after-ms 1000)"] > 0
             assert r.burst_codes["rpcs"]["EXHAUSTED concurrent-rpcs"] > 0
-        warm, measured = rounds
-        assert measured.rss_loaded <= warm.rss_loaded + RSS_TOLERANCE
-        assert measured.rss_deleted <= warm.rss_deleted + RSS_TOLERANCE
+        warm_peak = max(r.peak_rss for r in rounds[:2])
+        measured_peak = max(r.peak_rss for r in rounds[2:])
+        assert measured_peak <= warm_peak + RSS_TOLERANCE, (measured_peak / MiB, warm_peak / MiB)
         assert srv.alive()
     log = srv.log()
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
