@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from service.engine import EngineLimits
+
 P99_TARGET_MS = 150.0  # p99 at 256 sessions should stay under this
 STEP_MULTIPLE = 3.0  # p99 at 64 token-by-token sessions vs this many median engine steps
 # (sessions, chunk, served/offline at least this): the throughput targets.
@@ -361,7 +363,7 @@ def render_sweep(sweep: dict[str, Any], img_prefix: str = "img/") -> str:
         "server): gather state rows, one model call, scatter, log-softmax, top-k 5, copy to host; batch = "
         "min(N, max batch sessions, max batch tokens / chunk).",
         "- Server: `lstm-serve` spawned per model at its defaults (durability snapshot every 5 s into a state "
-        "store in a temporary directory, `--max-batch-wait-ms 20`)"
+        f"store in a temporary directory, `--max-batch-wait-ms {EngineLimits.max_batch_wait_ms:g}`)"
         + (f" plus `{' '.join(cfg['server_args'])}`" if cfg.get("server_args") else "") + ".",
         "- Unbatched: the same server with `--max-batch-sessions 1`.",
         "- Engine step times come from the server's `lstm_step_duration_seconds` histogram (differences of two "
