@@ -361,7 +361,9 @@ def render_sweep(sweep: dict[str, Any], img_prefix: str = "img/") -> str:
         "from the scheduled send time, so queueing anywhere is counted.",
         "- Offline: `service.runner.ModelRunner.execute` in a process of its own (same CPUs and threads as the "
         "server): gather state rows, one model call, scatter, log-softmax, top-k 5, copy to host; batch = "
-        "min(N, max batch sessions, max batch tokens / chunk).",
+        "min(N, max batch sessions, max batch tokens / chunk). Each offline cell runs right after the served "
+        "cell of the same N and chunk (the server idles meanwhile), so a ratio divides two measurements taken "
+        "together.",
         "- Server: `lstm-serve` spawned per model at its defaults (durability snapshot every 5 s into a state "
         f"store in a temporary directory, `--max-batch-wait-ms {EngineLimits.max_batch_wait_ms:g}`)"
         + (f" plus `{' '.join(cfg['server_args'])}`" if cfg.get("server_args") else "") + ".",

@@ -103,17 +103,17 @@ class Sweep:
         result["server_cpu_pct"] = 100.0 * (cpu1 - cpu0) / max(t1 - t0, 1e-9)
         return result
 
+    def closed_cell(self, server: SpawnedServer, label: str, sessions: int, chunk: int) -> dict[str, Any]:
+        cfg = self.cfg
+        spec = LoadSpec(target=server.target, mode="closed", sessions=sessions, chunk=chunk, duration=cfg.duration,
+                        warmup=cfg.warmup, max_requests=cfg.max_requests, label=label,
+                        drain_timeout=max(30.0, cfg.duration * 3))
+        r = self.load_cell(server, spec)
+        log(f"{label} N={sessions} chunk={chunk}: {_short(r)}")
+        return r
+
     def closed_cells(self, server: SpawnedServer, label: str) -> list[dict[str, Any]]:
-        cfg, out = self.cfg, []
-        for chunk in cfg.chunks:
-            for n in cfg.sessions:
-                spec = LoadSpec(target=server.target, mode="closed", sessions=n, chunk=chunk, duration=cfg.duration,
-                                warmup=cfg.warmup, max_requests=cfg.max_requests, label=label,
-                                drain_timeout=max(30.0, cfg.duration * 3))
-                r = self.load_cell(server, spec)
-                log(f"{label} N={n} chunk={chunk}: {_short(r)}")
-                out.append(r)
-        return out
+        return [self.closed_cell(server, label, n, chunk) for chunk in self.cfg.chunks for n in self.cfg.sessions]
 
     def offline_cell(self, checkpoint: Path, sessions: int, chunk: int, batch: int) -> dict[str, Any]:
         sc = self.server_config
@@ -134,6 +134,18 @@ class Sweep:
         r["sessions"] = sessions  # the N this offline cell stands for
         return r
 
+    def offline_for(self, name: str, checkpoint: Path, info: dict[str, Any] | None, n: int, chunk: int
+                    ) -> dict[str, Any]:
+        """The offline cell for N sessions in chunks: the batch the server would run them in."""
+        info = info or {}
+        max_sessions = info.get("max_batch_sessions") or self.server_config.max_batch_sessions
+        max_tokens = info.get("max_batch_tokens") or self.server_config.max_batch_tokens
+        batch = max(1, min(n, max_sessions, max_tokens // chunk))
+        r = self.offline_cell(checkpoint, n, chunk, batch)
+        log(f"{name}/offline N={n} chunk={chunk} batch={batch}: {r['tokens_per_s']:,.0f} tok/s, "
+            f"step p50 {r['step_ms']['p50']:.2f} ms")
+        return r
+
     def run_model(self, name: str) -> dict[str, Any]:
         cfg = self.cfg
         entry: dict[str, Any] = {"name": name, "served": [], "unbatched": [], "offline": [], "open": [],
@@ -151,7 +163,14 @@ class Sweep:
         with SpawnedServer(checkpoint, cfg.server_args, cpus=self.server_cpus) as server:
             if server.metrics_port is None:
                 self.notes.append("the server's metrics port was not found in its log: no engine step times")
-            entry["served"] = self.closed_cells(server, f"{name}/served")
+            for chunk in cfg.chunks:
+                for n in cfg.sessions:
+                    served = self.closed_cell(server, f"{name}/served", n, chunk)
+                    entry["served"].append(served)
+                    # The offline limit of the same cell, right after it (the server idles meanwhile):
+                    # this VM's speed drifts by tens of percent over minutes, and a ratio should
+                    # divide two measurements taken together.
+                    entry["offline"].append(self.offline_for(name, checkpoint, served.get("server"), n, chunk))
             entry["server_info"] = entry["served"][0]["server"] if entry["served"] else None
             base = next((c for c in entry["served"] if c["sessions"] == cfg.open_sessions and c["chunk"] == 1), None)
             if base is None and entry["served"]:
@@ -182,16 +201,6 @@ class Sweep:
                                cpus=self.server_cpus) as server:
                 entry["unbatched"] = self.closed_cells(server, f"{name}/unbatched")
 
-        info = entry.get("server_info") or {}
-        max_sessions = info.get("max_batch_sessions") or self.server_config.max_batch_sessions
-        max_tokens = info.get("max_batch_tokens") or self.server_config.max_batch_tokens
-        for chunk in cfg.chunks:
-            for n in cfg.sessions:
-                batch = max(1, min(n, max_sessions, max_tokens // chunk))
-                r = self.offline_cell(checkpoint, n, chunk, batch)
-                log(f"{name}/offline N={n} chunk={chunk} batch={batch}: {r['tokens_per_s']:,.0f} tok/s, "
-                    f"step p50 {r['step_ms']['p50']:.2f} ms")
-                entry["offline"].append(r)
         return entry
 
     def memory_check(self) -> dict[str, Any]:

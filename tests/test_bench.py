@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,30 @@ def test_spawned_server_gets_a_private_state_store(tmp_path: Path) -> None:
     assert state_dir.parent == Path(server._tmp.name)  # removed with the server, never ./state
     chosen = SpawnedServer(tmp_path / "ckpt", ["--state-dir", str(tmp_path / "mine")]).command()
     assert chosen.count("--state-dir") == 1 and str(tmp_path / "mine") in chosen
+
+
+def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_served_cell(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(
+        models=[str(tiny_checkpoint)], sessions=[1, 4], chunks=[2], duration=0.6, warmup=0.2, offline_duration=0.5,
+        open_fractions=[], generate_sessions=[], memory_sessions=0, unbatched=False,
+        out=str(tmp_path / "bench.md"), img_dir=str(tmp_path / "img"), json_out=str(tmp_path / "bench.json"),
+        cache=str(tmp_path / "cache"),
+    )
+    sweep = run_sweep(cfg)
+    (model,) = sweep["models"]
+    assert [(c["sessions"], c["chunk"]) for c in model["served"]] == [(1, 2), (4, 2)]
+    assert [(c["sessions"], c["chunk"], c["batch"]) for c in model["offline"]] == [(1, 2, 1), (4, 2, 4)]
+    assert all(c["tokens_per_s"] > 0 for c in model["served"] + model["offline"])
+    # Interleaved: served N=1, offline N=1, served N=4, offline N=4.
+    order = [line.split("] ", 1)[1].split(":")[0] for line in capsys.readouterr().err.splitlines()
+             if "/served N=" in line or "/offline N=" in line]
+    assert [o.rsplit("/", 1)[1] for o in order] == [
+        "served N=1 chunk=2", "offline N=1 chunk=2 batch=1", "served N=4 chunk=2", "offline N=4 chunk=2 batch=4"
+    ]
+    md = (tmp_path / "bench.md").read_text()
+    assert "runs right after the served cell" in md
+    assert json.loads((tmp_path / "bench.json").read_text())["models"][0]["offline"][1]["batch"] == 4
