@@ -5,6 +5,7 @@
     lstm-bench sweep    [--quick]                      everything; writes docs/benchmarks.md
     lstm-bench render   docs/benchmarks.json           re-render the document and plots from a sweep's JSON
     lstm-bench memory   --sessions 100000              idle-session RSS vs raw state bytes
+    lstm-bench accuracy --dtypes bfloat16              a reduced-precision step's loss and log-prob drift
     lstm-bench reference                               write the reference checkpoint, print its path
 """
 
@@ -129,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, default=100_000)
     p.add_argument("--json", type=Path, default=None)
 
+    p = sub.add_parser("accuracy", help="loss and log-prob drift of --dtype bfloat16/float16 against float32 on "
+                       "the held-out text", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="default", help="'default', 'reference' or a checkpoint directory")
+    p.add_argument("--cache-dir", default=str(cache_dir()))
+    p.add_argument("--dtypes", default="bfloat16", help="comma list of dtypes compared with float32")
+    p.add_argument("--data", default=None,
+                   help="the corpus; its last 10 %% is held out (default data/tinyshakespeare.txt)")
+    p.add_argument("--streams", type=int, default=64, help="sessions the held-out text is cut into")
+    p.add_argument("--chunk", type=int, default=16, help="tokens per session per step")
+    p.add_argument("--max-chars", type=int, default=0, help="held-out characters to use at most (0 = all)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--json", type=Path, default=None)
+
     p = sub.add_parser("reference", help="write the reference checkpoint (if missing) and print its path")
     p.add_argument("--cache-dir", default=str(cache_dir()))
     return parser
@@ -240,6 +255,21 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    from bench.accuracy import AccuracySpec, render_accuracy, run_accuracy
+
+    spec = AccuracySpec(checkpoint=str(resolve_model(args.model, Path(args.cache_dir))),
+                        dtypes=[d.strip() for d in args.dtypes.split(",") if d.strip()], streams=args.streams,
+                        chunk=args.chunk, max_chars=args.max_chars, device=args.device, threads=args.threads)
+    if args.data:
+        spec.data = args.data
+    result = run_accuracy(spec)
+    print(render_accuracy(result), end="")
+    if args.json:
+        report.write_json(args.json, result)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -253,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_render(args)
         if args.command == "memory":
             return cmd_memory(args)
+        if args.command == "accuracy":
+            return cmd_accuracy(args)
         print(reference_checkpoint(Path(args.cache_dir)))
         return 0
     except BenchError as e:

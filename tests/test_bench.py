@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from bench.cli import main as bench_main
@@ -213,3 +214,32 @@ def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_serve
     md = (tmp_path / "bench.md").read_text()
     assert "runs right after the served cell" in md
     assert json.loads((tmp_path / "bench.json").read_text())["models"][0]["offline"][1]["batch"] == 4
+
+
+def test_accuracy_of_a_reduced_precision_step(tiny_checkpoint: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.accuracy import AccuracySpec, held_out_streams, loss_nats, run_accuracy
+
+    # The held-out text is the corpus's last 10 %, cut into equal consecutive streams.
+    streams = held_out_streams("a" * 900 + "0123456789" * 10 + "x", list, 4, 0)  # the last 101 held out, 1 left over
+    assert [len(s) for s in streams] == [25, 25, 25, 25] and "".join(sum(streams, [])) == ("0123456789" * 10)
+    # The loss scores each position's distribution on the next character.
+    logprobs = np.log(np.full((1, 3, 4), 0.25, dtype=np.float32))
+    logprobs[0, 0, 2] = np.log(0.5)
+    assert loss_nats(logprobs, [[0, 2, 1]]) == pytest.approx(-(np.log(0.5) + np.log(0.25)) / 2)
+
+    spec = AccuracySpec(checkpoint=str(tiny_checkpoint), dtypes=["float32", "bfloat16"], streams=4, chunk=8,
+                        max_chars=800)
+    result = run_accuracy(spec)
+    base, same, bf16 = result["results"]
+    assert result["characters"] == 800 and base["dtype"] == "float32"
+    assert 0.5 < base["loss_nats"] < np.log(65) + 0.5  # a real loss, near or below uniform for the tiny model
+    assert same["max_abs_logprob_diff"] == 0.0 and same["loss_nats"] == base["loss_nats"]  # deterministic
+    assert 0.0 < bf16["max_abs_logprob_diff"] < 1.0  # bfloat16 moves log-probs, by little
+    assert abs(bf16["loss_nats"] - base["loss_nats"]) < 0.05 and bf16["top1_agreement"] > 0.9
+
+    assert bench_main(["accuracy", "--model", str(tiny_checkpoint), "--streams", "2", "--chunk", "4",
+                       "--max-chars", "200", "--json", str(tmp_path / "acc.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| bfloat16 |" in out and json.loads((tmp_path / "acc.json").read_text())["characters"] == 200
+    assert bench_main(["accuracy", "--model", str(tiny_checkpoint), "--dtypes", "int8"]) == 2
