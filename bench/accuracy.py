@@ -20,7 +20,7 @@ import torch
 
 from bench.loadgen import BenchError
 from bench.offline import DTYPES
-from model.checkpoint import load_checkpoint
+from model.checkpoint import Checkpoint, load_checkpoint
 from model.model import resolve_device
 from model.train import TRAIN_FRACTION
 from service.runner import ModelRunner, RowInput
@@ -52,18 +52,18 @@ def held_out_streams(text: str, encode: Any, streams: int, max_chars: int) -> li
     return [ids[i * length : (i + 1) * length] for i in range(streams)]
 
 
-def served_logprobs(spec: AccuracySpec, dtype: str, streams: list[list[int]]) -> tuple[np.ndarray, float]:
-    """Log-probabilities [streams, length, vocab] from the served step in `dtype`, and the seconds it took."""
-    device = resolve_device(spec.device)
-    checkpoint = load_checkpoint(spec.checkpoint, device=device, dtype=DTYPES[dtype])
+def served_logprobs(checkpoint: Checkpoint, chunk: int, streams: list[list[int]]) -> tuple[np.ndarray, float]:
+    """Log-probabilities [streams, length, vocab] from the served step in the checkpoint's device and dtype,
+    and the seconds it took."""
+    weight = checkpoint.model.head.weight
     n = len(streams)
-    runner = ModelRunner(checkpoint, device, DTYPES[dtype], initial_capacity=n, max_capacity=n)
+    runner = ModelRunner(checkpoint, weight.device, weight.dtype, initial_capacity=n, max_capacity=n)
     slots = [runner.allocate() for _ in streams]
     length = len(streams[0])
     out = np.empty((n, length, checkpoint.config.vocab_size), dtype=np.float32)
     started = time.perf_counter()
-    for start in range(0, length, spec.chunk):
-        rows = [RowInput(slot=slot, tokens=ids[start : start + spec.chunk], position=start, want_logprobs=True)
+    for start in range(0, length, chunk):
+        rows = [RowInput(slot=slot, tokens=ids[start : start + chunk], position=start, want_logprobs=True)
                 for slot, ids in zip(slots, streams)]
         for i, result in enumerate(runner.execute(rows)):
             assert result.logprobs is not None
@@ -86,14 +86,16 @@ def run_accuracy(spec: AccuracySpec) -> dict[str, Any]:
         raise BenchError("streams and chunk must be >= 1")
     if spec.threads > 0:
         torch.set_num_threads(spec.threads)
-    tokenizer = load_checkpoint(spec.checkpoint).tokenizer
-    streams = held_out_streams(Path(spec.data).read_text(encoding="utf-8"), tokenizer.encode, spec.streams,
+    device = resolve_device(spec.device)
+    float32 = load_checkpoint(spec.checkpoint, device=device)
+    streams = held_out_streams(Path(spec.data).read_text(encoding="utf-8"), float32.tokenizer.encode, spec.streams,
                                spec.max_chars)
-    reference, seconds = served_logprobs(spec, "float32", streams)
+    reference, seconds = served_logprobs(float32, spec.chunk, streams)
     rows = [{"dtype": "float32", "loss_nats": loss_nats(reference, streams), "max_abs_logprob_diff": 0.0,
              "mean_abs_logprob_diff": 0.0, "top1_agreement": 1.0, "seconds": seconds}]
     for dtype in spec.dtypes:
-        logprobs, seconds = served_logprobs(spec, dtype, streams)
+        checkpoint = load_checkpoint(spec.checkpoint, device=device, dtype=DTYPES[dtype])
+        logprobs, seconds = served_logprobs(checkpoint, spec.chunk, streams)
         diff = np.abs(logprobs - reference)
         rows.append({
             "dtype": dtype,

@@ -63,10 +63,6 @@ class StateStore(Protocol):
         """Append journal entries in one durable transaction."""
         ...
 
-    def touch(self, expiries: Iterable[tuple[str, float]]) -> None:
-        """Move sessions' expiry times (session_id, expires_at)."""
-        ...
-
     def delete(self, session_ids: Iterable[str]) -> None: ...
 
     def purge_expired(self, now: float) -> list[str]:
@@ -106,8 +102,8 @@ def _state_meta(layout: tuple[tuple[str, tuple[int, ...]], ...]) -> str:
 def _pack_state(state: list[np.ndarray] | None) -> tuple[bytes | None, str | None]:
     if state is None:
         return None, None
-    # Every session of a model has the same layout: its JSON is built once (snapshots of
-    # hundreds of sessions run on the engine thread, between steps).
+    # Every session of a model has the same layout: its JSON is built once (a snapshot
+    # writes hundreds of sessions at a time).
     meta = _state_meta(tuple((a.dtype.str, a.shape) for a in state))
     return b"".join(np.ascontiguousarray(a).tobytes() for a in state), meta
 
@@ -169,9 +165,6 @@ class StoreThread:
 
     def append_journal(self, entries: Iterable[JournalEntry]) -> None:
         self._call(self.store.append_journal, list(entries))
-
-    def touch(self, expiries: Iterable[tuple[str, float]]) -> None:
-        self._call(self.store.touch, list(expiries))
 
     def delete(self, session_ids: Iterable[str]) -> None:
         self._call(self.store.delete, list(session_ids))
@@ -265,12 +258,6 @@ class SqliteStateStore:
             self.db.executemany(
                 "INSERT OR REPLACE INTO journal VALUES (?, ?, ?)",
                 [(e.session_id, e.start_position, _pack_tokens(e.tokens)) for e in entries],
-            )
-
-    def touch(self, expiries: Iterable[tuple[str, float]]) -> None:
-        with self._transaction():
-            self.db.executemany(
-                "UPDATE sessions SET expires_at = ? WHERE session_id = ?", [(t, sid) for sid, t in expiries]
             )
 
     def delete(self, session_ids: Iterable[str]) -> None:
