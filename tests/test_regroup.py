@@ -1,8 +1,9 @@
 """Regrouping: the engine holds a step briefly for the sessions the previous step answered.
 
 Proven on a real server. The hold is capped by --max-batch-wait-ms and by a share of the
-previous step's duration; the tiny test model steps in about a millisecond, so the tests
-raise that share to make the configured wait the cap.
+previous step's duration (but not below a minimum while clients loop); the tiny test model
+steps in about a millisecond, so the tests raise that share to make the configured wait the
+cap.
 """
 
 from __future__ import annotations
@@ -72,6 +73,25 @@ async def test_hold_ends_at_max_batch_wait(tiny_checkpoint: Path) -> None:
         assert result.position == 2
         assert 0.15 <= waited < 5.0  # held (most of the 300 ms), then ran without a
         assert srv.engine.steps_run >= 2
+
+
+async def test_short_steps_still_hold_for_the_minimum_while_clients_loop(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Half of a ~1 ms step would end the hold before any client could answer; the minimum
+    # hold (raised here to be measurable) gives them the time, the configured wait still caps it.
+    monkeypatch.setattr(service.engine, "REGROUP_SHARE_OF_STEP", 0.5)
+    monkeypatch.setattr(service.engine, "REGROUP_MIN_HOLD_SECONDS", 0.4)
+    async with first_answered(tiny_checkpoint, max_batch_wait_ms=5_000) as (_, stub, (_, b)):
+        started = time.monotonic()
+        await step(stub, b)  # a never comes back
+        held = time.monotonic() - started
+    async with first_answered(tiny_checkpoint, max_batch_wait_ms=100) as (_, stub, (_, b)):
+        started = time.monotonic()
+        await step(stub, b)
+        capped = time.monotonic() - started
+    assert 0.3 <= held < 3.0, held
+    assert capped < 0.3, capped
 
 
 async def test_full_batch_is_not_held(tiny_checkpoint: Path) -> None:
