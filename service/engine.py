@@ -122,7 +122,8 @@ class EngineLimits:
     max_chunk_tokens: int = 64  # tokens of one session in one step (longer inputs are split)
     max_queued_tokens: int = 262_144  # tokens waiting in the engine over all sessions
     # How long a step may be held for the sessions the previous step answered to send their
-    # next request (0 = never hold); the hold also never exceeds half the previous step. 50 ms:
+    # next request (0 = never hold); nor longer than half the previous step or 20 ms (see
+    # REGROUP_MIN_HOLD_SECONDS), whichever is longer. 50 ms:
     # 64 sessions in 16-token chunks need ~25-40 ms to all come back on 2 cores; a 20 ms cap
     # left ~6 of them a whole step behind (p99 210-229 -> ~151 ms at 50, tokens/s unchanged).
     max_batch_wait_ms: float = 50.0
