@@ -19,8 +19,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from model.checkpoint import Checkpoint
 from service.sampling import sample_tokens
 
-# Single steps of up to this many sessions run through the per-layer cell kernels.
-CELL_KERNEL_MAX_BATCH = 128
+# Single steps of up to this many sessions run through the per-layer cell kernels, larger
+# ones through nn.LSTM/nn.GRU (see ModelRunner._single_step).
+CELL_KERNEL_MAX_BATCH = 32
 
 
 @dataclass
@@ -160,8 +161,12 @@ class ModelRunner:
         """One time step through the fused per-layer cells (the same weights as nn.LSTM/nn.GRU).
 
         For one token per session the sequence kernel of nn.LSTM pays a fixed overhead that
-        dominates at small batches; measured on this CPU (2x512, float32) the cells are ~4x
-        faster at batch 1-8, ~1.3x at 64 and even at 256, so single steps use them.
+        dominates at small batches: measured alone (2x512, float32, 2 cores) the cells are ~4x
+        faster at batch 1-8 and ~1.3x at 64. In the server, though, the RPC thread competes
+        with the step for the cores and the GIL, and nn.LSTM's one call then wins above a few
+        dozen sessions (A/B served, 3 pairs each: 64 token-by-token sessions +3-10 % tokens/s,
+        p99 46-63 -> 44-52 ms; 256 sessions p99 157-159 -> 143-154 ms; while at 8 sessions the
+        cells stay 11-20 % faster and at 32 about even). Hence CELL_KERNEL_MAX_BATCH = 32.
         """
         inp = x
         hs, cs = [], []

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_checkpoint
-from service.runner import ModelRunner, RowInput
+from service.runner import CELL_KERNEL_MAX_BATCH, ModelRunner, RowInput
 
 
 @pytest.mark.parametrize("which", ["tiny_checkpoint", "tiny_gru_checkpoint"])
@@ -29,3 +29,30 @@ def test_read_states_is_read_state_of_each_slot(which: str, request: pytest.Fixt
             np.testing.assert_array_equal(a, b)
     assert not np.array_equal(together[0][0], together[1][0])  # different sessions, different states
     assert runner.read_states([]) == []
+
+
+@pytest.mark.parametrize("which", ["tiny_checkpoint", "tiny_gru_checkpoint"])
+def test_cell_kernels_and_sequence_kernel_agree(which: str, request: pytest.FixtureRequest) -> None:
+    """Single-token steps take the per-layer cells up to CELL_KERNEL_MAX_BATCH sessions and
+    nn.LSTM/nn.GRU above it: a performance choice only, so both give the same outputs and states."""
+    path: Path = request.getfixturevalue(which)
+    checkpoint = load_checkpoint(path)
+    n = CELL_KERNEL_MAX_BATCH
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, checkpoint.config.vocab_size, 5).tolist() for _ in range(n + 1)]
+    outputs = {}
+    for batch in (n, n + 1):  # the cells, then the sequence kernel, for the same first n sessions
+        runner = ModelRunner(checkpoint, torch.device("cpu"), initial_capacity=n + 1)
+        slots = [runner.allocate() for _ in range(batch)]
+        steps = []
+        for t in range(5):  # token by token, so the state carried between steps goes through both too
+            rows = [RowInput(slot=s, tokens=[prompts[i][t]], position=t, top_k=3, want_logprobs=True)
+                    for i, s in enumerate(slots)]
+            steps.append([out.logprobs for out in runner.execute(rows)[:n]])
+        outputs[batch] = (steps, runner.read_states(slots[:n]))
+    for cell_step, seq_step in zip(outputs[n][0], outputs[n + 1][0]):
+        for a, b in zip(cell_step, seq_step):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a_state, b_state in zip(outputs[n][1], outputs[n + 1][1]):
+        for a, b in zip(a_state, b_state):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
