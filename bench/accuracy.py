@@ -18,21 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.loadgen import BenchError
+from bench.loadgen import CORPUS, BenchError
 from bench.offline import DTYPES
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.model import resolve_device
 from model.train import TRAIN_FRACTION
 from service.runner import ModelRunner, RowInput
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @dataclass
 class AccuracySpec:
     checkpoint: str  # checkpoint directory
     dtypes: list[str] = field(default_factory=lambda: ["bfloat16"])  # compared with float32
-    data: str = str(ROOT / "data" / "tinyshakespeare.txt")  # the corpus; its last 10 % is held out
+    data: str = str(CORPUS)  # the corpus; its last 10 % is held out
     streams: int = 64  # sessions the held-out text is cut into, stepped together
     chunk: int = 16  # tokens per session per step
     max_chars: int = 0  # held-out characters to use at most (0 = all)
