@@ -6,7 +6,8 @@ DecodeError". This interceptor gives every handler a deserializer that never rai
 it returns a `Malformed` marker instead, and the handler refuses the call with
 INVALID_ARGUMENT before the servicer sees it. For client-streaming methods the request
 iterator raises `MalformedRequestError` (an InvalidArgumentError) where the bad message
-sits in the stream, after the code was set to INVALID_ARGUMENT.
+sits in the stream, after the code was set to INVALID_ARGUMENT. A handler that reads with
+`context.read()` instead (StreamSteps) gets the `Malformed` marker itself and must refuse it.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,7 +50,7 @@ from service.engine import (
     UnavailableError,
 )
 from service.logs import configure_logging, short_id
-from service.malformed import MalformedRequestInterceptor
+from service.malformed import Malformed, MalformedRequestError, MalformedRequestInterceptor
 from service.metrics import Metrics, start_metrics_http_server
 from service.state_store import SqliteStateStore, StateStoreLockedError
 
@@ -308,57 +309,30 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
         return await self._unary("Step", context, body, request)
 
-    async def StreamSteps(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async for response in self._stream("StreamSteps", context, self._stream_steps(request_iterator, context)):
-            yield response
-
-    async def _stream_steps(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def StreamSteps(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         """Requests are submitted as they arrive (so a client may pipeline), answered in order.
 
         The stream ends at the first failing request with that request's status; requests
-        after it that have not run yet are dropped.
+        after it that have not run yet are dropped. Written on context.read()/write() instead of
+        generators and a queue: at token-by-token rates each hop per message was a measurable
+        share of the one asyncio thread (docs/performance.md).
         """
-        owner = self.principal(context)
-        pending: asyncio.Queue[Any] = asyncio.Queue(maxsize=1024)  # (future, item) or an error, or None
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    try:
-                        tokens, expected, options = self._step_args(request)
-                        entry: Any = self.engine.submit_step(owner, request.session_id, tokens, expected, options)
-                    except Exception as e:  # a bad request ends the stream, in order
-                        await pending.put(e)
-                        return
-                    await pending.put(entry)
-            except Exception as e:  # reading the stream failed (a malformed message): end it with that status
-                await pending.put(e)
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.create_task(read())
-        submitted: list[Any] = []
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        stream = _StepStream(self, context)
         try:
-            while True:
-                entry = await pending.get()
-                if entry is None:
-                    break
-                if isinstance(entry, Exception):
-                    raise entry
-                future, item = entry
-                submitted.append(item)
-                result = await future
-                submitted.remove(item)
-                yield _step_response(result)
+            await stream.run()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as e:
+            err = to_rpc_error(e)
+            code = err.code
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("StreamSteps failed")
+            await context.abort(err.code, str(err), trailing_metadata=err.trailing)
         finally:
-            reader.cancel()
-            for item in submitted:
-                self.engine.scheduler.close(item)
-            while not pending.empty():
-                entry = pending.get_nowait()
-                if isinstance(entry, tuple):
-                    entry[0].cancel()  # never awaited now: no "Future exception was never retrieved"
-                    self.engine.scheduler.close(entry[1])
+            self._finished("StreamSteps", code, started, context, None)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async for response in self._stream("Generate", context, self._generate(request, context), request):
@@ -388,6 +362,79 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
                 position=token.position,
                 finish_reason=finish_of.get(token.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
             )
+
+
+class _StepStream:
+    """One StreamSteps call: a reader task submits requests as they arrive, run() answers them in order.
+
+    The writer sleeps only when nothing is in flight; it is then woken by the done-callback of
+    the next request's engine future (or by the reader ending), so a token-by-token request costs
+    one wake-up of the handler, not one for the request and one for its answer.
+    """
+
+    def __init__(self, servicer: LstmServicer, context: grpc.aio.ServicerContext) -> None:
+        self.servicer = servicer
+        self.context = context
+        self.owner = servicer.principal(context)
+        # (engine future, scheduler item) of each submitted request not yet answered, in order
+        self.inflight: deque[tuple[asyncio.Future[StepResult], Any]] = deque()
+        self.reading = True  # the reader task has not ended
+        self.error: Exception | None = None  # why the reader ended early (a bad or malformed request)
+        self.waiter: asyncio.Future[None] | None = None  # set while run() sleeps with nothing in flight
+
+    def _wake(self, _: object = None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def _read(self) -> None:
+        engine = self.servicer.engine
+        try:
+            while True:
+                request = await self.context.read()
+                if request is grpc.aio.EOF:
+                    return
+                if isinstance(request, Malformed):
+                    raise MalformedRequestError(request.message())
+                tokens, expected, options = self.servicer._step_args(request)
+                future, item = engine.submit_step(self.owner, request.session_id, tokens, expected, options)
+                self.inflight.append((future, item))
+                if self.waiter is not None and len(self.inflight) == 1:
+                    future.add_done_callback(self._wake)  # wake run() when the answer is ready, not before
+        except Exception as e:  # a bad request, or reading the stream failed: end it with that status, in order
+            self.error = e
+        finally:
+            self.reading = False
+            if not self.inflight:
+                self._wake()
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read())
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self.inflight:
+                    if not self.reading:
+                        break
+                    self.waiter = loop.create_future()
+                    try:
+                        await self.waiter
+                    finally:
+                        self.waiter = None
+                    continue
+                result = await self.inflight[0][0]
+                self.inflight.popleft()
+                await self.context.write(_step_response(result))
+            if self.error is not None:
+                raise self.error
+        finally:
+            reader.cancel()
+            scheduler = self.servicer.engine.scheduler
+            for future, item in self.inflight:
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: no "Future exception was never retrieved"
+                else:
+                    future.cancel()
+                scheduler.close(item)
 
 
 class LstmServer:
