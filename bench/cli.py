@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shlex
 import sys
@@ -23,6 +22,7 @@ from bench import report
 from bench.loadgen import MODES, TOKEN_SOURCES, BenchError, LoadSpec, check_loopback, run_load
 from bench.models import cache_dir, reference_checkpoint, resolve_model
 from bench.spawn import SpawnedServer, parse_cpus
+from service import eventloop
 
 
 def _ints(text: str) -> list[int]:
@@ -170,7 +170,7 @@ def cmd_load(args: argparse.Namespace) -> int:
                 spec = LoadSpec(target=target, mode=args.mode, sessions=n, chunk=chunk, duration=args.duration,
                                 max_requests=args.requests, warmup=args.warmup, rate=args.rate, tokens=args.tokens,
                                 generate_tokens=args.generate_tokens, channels=args.channels, seed=args.seed)
-                result = asyncio.run(run_load(spec))
+                result = eventloop.run(run_load(spec))
                 results.append(result)
                 print(f"N={n} chunk={chunk}: {result['tokens_per_s']:,.0f} tok/s, "
                       f"p99 {(result['latency_ms'] or {}).get('p99', 0):.1f} ms, errors {result['error_count']}",

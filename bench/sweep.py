@@ -9,7 +9,6 @@ results, the PNG plots and the Markdown document (docs/benchmarks.md).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ from bench.loadgen import BenchError, LoadSpec, create_sessions, model_info_dict
 from bench.models import cache_dir, resolve_model
 from bench.spawn import SpawnedServer, gauge, parse_cpus, pid_cpu_seconds, server_window
 from model.checkpoint import read_meta
+from service import eventloop
 from service.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +97,7 @@ class Sweep:
     def load_cell(self, server: SpawnedServer, spec: LoadSpec) -> dict[str, Any]:
         before = server.scrape()
         cpu0, t0 = pid_cpu_seconds(server.pid), time.monotonic()
-        result = asyncio.run(run_load(spec))
+        result = eventloop.run(run_load(spec))
         cpu1, t1 = pid_cpu_seconds(server.pid), time.monotonic()
         result["server_window"] = server_window(before, server.scrape())
         result["server_cpu_pct"] = 100.0 * (cpu1 - cpu0) / max(t1 - t0, 1e-9)
@@ -256,7 +256,7 @@ def memory_check(checkpoint: Path, sessions: int, server_args: list[str] | None 
         time.sleep(0.5)
         rss0 = server.rss_bytes()
         slab0 = gauge(server.scrape(), "lstm_state_memory_bytes")
-        info, seconds = asyncio.run(create(server.target))
+        info, seconds = eventloop.run(create(server.target))
         time.sleep(1.0)
         rss1 = server.rss_bytes()
         after = server.scrape()

@@ -32,6 +32,7 @@ from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.model import resolve_device
 from model.tokenizer import UnknownCharacterError
+from service import eventloop
 from service.auth import AuthConfigError, AuthInterceptor, TokenAuth, load_tokens
 from service.config import ServerConfig, parse_config
 from service.engine import (
@@ -575,9 +576,9 @@ async def serve(config: ServerConfig) -> int:
     await server.start()
     info = server.engine.checkpoint
     log.info(
-        "serving %s (%s %dx%d, sha256 %s…) on %s:%d, metrics on :%s, device %s %s",
+        "serving %s (%s %dx%d, sha256 %s…) on %s:%d, metrics on :%s, device %s %s, event loop %s",
         info.path, info.config.cell_type, info.config.num_layers, info.config.hidden_size, info.sha256[:12],
-        config.host, port, server.metrics_port, server.engine.device.type, config.dtype,
+        config.host, port, server.metrics_port, server.engine.device.type, config.dtype, eventloop.loop_name(),
     )
     if config.port_file:
         tmp = Path(config.port_file + ".tmp")
@@ -598,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     configure_logging(config.log_format, config.log_level)
     try:
-        return asyncio.run(serve(config))
+        return eventloop.run(serve(config))
     except KeyboardInterrupt:
         return 130
 

@@ -50,6 +50,9 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(tiny_checkpoint: Path, t
             assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
             stub = pb_grpc.LstmServiceStub(channel)
             sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            # The command runs on uvloop: a pipelined stream is answered in order there too.
+            answers = list(stub.StreamSteps(iter([pb.StepRequest(session_id=sid, tokens=[t]) for t in range(1, 9)])))
+            assert [a.position for a in answers] == list(range(1, 9))
             tokens: list[pb.GenerateResponse] = []
             call = stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=2000, seed=1))
             reader = threading.Thread(target=lambda: tokens.extend(call), daemon=True)
@@ -64,6 +67,7 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(tiny_checkpoint: Path, t
         assert proc.wait(timeout=30) == 0
         out = proc.stdout.read() if proc.stdout else ""
         assert '"msg": "stopped"' in out or "stopped" in out
+        assert "event loop uvloop" in out
     finally:
         if proc.poll() is None:
             proc.kill()
