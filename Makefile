@@ -35,7 +35,7 @@ proto: install-dev
 
 lint:
 	$(BIN)/ruff check .
-	$(BIN)/mypy model service
+	$(BIN)/mypy model service bench
 
 check:
 	scripts/check_protos.sh

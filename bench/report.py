@@ -174,11 +174,11 @@ def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
     served, offline, unbatched = m.get("served", []), m.get("offline", []), m.get("unbatched", [])
     for n, chunk, target in RATIO_TARGETS:
         cell = _find(served, n, chunk)
-        ratio = _ratio(cell and cell.get("tokens_per_s"), (_find(offline, n, chunk) or {}).get("tokens_per_s"))
+        ratio = _ratio((cell or {}).get("tokens_per_s"), (_find(offline, n, chunk) or {}).get("tokens_per_s"))
         if ratio is not None:
             checks.append(_check(f"served/offline at {n} sessions, chunk {chunk}", ratio, target, "x"))
     c256 = _find(served, 256, 1)
-    ratio = _ratio(c256 and c256.get("tokens_per_s"), (_find(unbatched, 256, 1) or {}).get("tokens_per_s"))
+    ratio = _ratio((c256 or {}).get("tokens_per_s"), (_find(unbatched, 256, 1) or {}).get("tokens_per_s"))
     if ratio is not None:
         checks.append(_check("served/unbatched at 256 sessions, chunk 1", ratio, UNBATCHED_TARGET, "x"))
     if c256 and c256.get("latency_ms"):
