@@ -72,6 +72,12 @@ STATUS_OF: list[tuple[type[EngineError], grpc.StatusCode]] = [
 
 T = TypeVar("T")
 
+# Requests one StreamSteps call may have submitted and not yet answered; at the limit the
+# server stops reading the stream until an answer goes out, so HTTP/2 flow control pushes
+# back on a client that pipelines without reading, and one stream cannot fill the engine's
+# queue (max_queued_tokens) for everyone else.
+MAX_STREAM_IN_FLIGHT = 1024
+
 
 def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
@@ -382,6 +388,7 @@ class _StepStream:
         self.reading = True  # the reader task has not ended
         self.error: Exception | None = None  # why the reader ended early (a bad or malformed request)
         self.waiter: asyncio.Future[None] | None = None  # set while run() sleeps with nothing in flight
+        self.room: asyncio.Future[None] | None = None  # set while the reader waits for an answer to go out
 
     def _wake(self, _: object = None) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -401,6 +408,12 @@ class _StepStream:
                 self.inflight.append((future, item))
                 if self.waiter is not None and len(self.inflight) == 1:
                     future.add_done_callback(self._wake)  # wake run() when the answer is ready, not before
+                if len(self.inflight) >= MAX_STREAM_IN_FLIGHT:
+                    self.room = asyncio.get_running_loop().create_future()
+                    try:
+                        await self.room
+                    finally:
+                        self.room = None
         except Exception as e:  # a bad request, or reading the stream failed: end it with that status, in order
             self.error = e
         finally:
@@ -424,6 +437,8 @@ class _StepStream:
                     continue
                 result = await self.inflight[0][0]
                 self.inflight.popleft()
+                if self.room is not None and not self.room.done():
+                    self.room.set_result(None)
                 await self.context.write(_step_response(result))
             if self.error is not None:
                 raise self.error

@@ -355,6 +355,38 @@ async def test_cancelled_stream_and_generate_drop_their_queued_work(slow_server:
         assert await _drained(slow_server)
 
 
+async def test_a_stream_that_pipelines_is_held_to_its_in_flight_bound(
+    slow_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client may send ahead, but one stream never has more than MAX_STREAM_IN_FLIGHT requests in the
+    engine: the server stops reading it until an answer goes out; every request is still answered, in order."""
+    import service.server
+
+    monkeypatch.setattr(service.server, "MAX_STREAM_IN_FLIGHT", 3)
+    engine = slow_server.engine
+    async with grpc.aio.insecure_channel(slow_server.target) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        sid = (await stub.CreateSession(pb.CreateSessionRequest())).session.session_id
+        call = stub.StreamSteps(iter([pb.StepRequest(session_id=sid, tokens=[3] * 40, top_k=0)] * 20))
+        most = 0
+
+        async def watch() -> None:
+            nonlocal most
+            while True:
+                most = max(most, engine.scheduler.queued_items + len(engine._inbox))
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            positions = [(await call.read()).position for _ in range(20)]
+        finally:
+            watcher.cancel()
+        assert positions == [40 * (i + 1) for i in range(20)]
+        assert 2 <= most <= 3, most  # pipelined (more than one queued), but never past the bound
+        assert await call.read() is grpc.aio.EOF
+        assert await _drained(slow_server)
+
+
 # ---- 1,000 concurrent streams and bursts past the limits, memory ----------------------------------------
 
 STREAMS = 1000
