@@ -326,9 +326,8 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         """
         started = time.perf_counter()
         code = grpc.StatusCode.OK
-        stream = _StepStream(self, context)
         try:
-            await stream.run()
+            await _StepStream(self, context).run()
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
