@@ -144,6 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", type=Path, default=None)
 
+    p = sub.add_parser("pingpong", help="the RPC floor: the same load against an echo server with no model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sessions", type=_ints, default=[64, 256], help="concurrent sessions (comma list)")
+    p.add_argument("--chunk", type=_ints, default=[1, 16], help="tokens per request (comma list)")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load excluded from the statistics")
+    p.add_argument("--server-cpus", default=None, help="run the echo server under taskset -c CPUS (e.g. 0)")
+    p.add_argument("--client-cpus", default=None, help="pin this process (the load generator) to CPUS")
+    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+
     p = sub.add_parser("reference", help="write the reference checkpoint (if missing) and print its path")
     p.add_argument("--cache-dir", default=str(cache_dir()))
     return parser
@@ -270,6 +280,21 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pingpong(args: argparse.Namespace) -> int:
+    from bench.pingpong import render_pingpong, run_pingpong
+
+    if args.client_cpus:
+        os.sched_setaffinity(0, parse_cpus(args.client_cpus))
+    server_cpus = args.server_cpus
+    if server_cpus is None and args.client_cpus:
+        server_cpus = ",".join(map(str, range(os.cpu_count() or 1)))  # do not inherit the client's pinning
+    results = run_pingpong(args.sessions, args.chunk, args.duration, args.warmup, server_cpus)
+    print(render_pingpong(results), end="")
+    if args.json:
+        report.write_json(args.json, results)
+    return 1 if any(r.get("error_count") for r in results) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -285,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_memory(args)
         if args.command == "accuracy":
             return cmd_accuracy(args)
+        if args.command == "pingpong":
+            return cmd_pingpong(args)
         print(reference_checkpoint(Path(args.cache_dir)))
         return 0
     except BenchError as e:

@@ -243,3 +243,16 @@ def test_accuracy_of_a_reduced_precision_step(tiny_checkpoint: Path, tmp_path: P
     out = capsys.readouterr().out
     assert "| bfloat16 |" in out and json.loads((tmp_path / "acc.json").read_text())["characters"] == 200
     assert bench_main(["accuracy", "--model", str(tiny_checkpoint), "--dtypes", "int8"]) == 2
+
+
+def test_pingpong_measures_the_rpc_floor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The echo server answers the load generator's calls through a real subprocess and real gRPC: every request
+    answered with one output per token, and both processes' CPU counted per request."""
+    out = tmp_path / "pingpong.json"
+    assert bench_main(["pingpong", "--sessions", "4", "--chunk", "3", "--duration", "1", "--warmup", "0.2",
+                       "--json", str(out)]) == 0
+    [cell] = json.loads(out.read_text())
+    assert cell["kind"] == "pingpong" and cell["error_count"] == 0 and cell["requests"] > 10
+    assert cell["tokens"] == 3 * cell["requests"]  # one output per input token came back
+    assert cell["server_cpu_pct"] > 0 and cell["cpu_ms_per_request"] > 0
+    assert "| 4 | 3 |" in capsys.readouterr().out
