@@ -331,6 +331,39 @@ def render_memory(mem: dict[str, Any] | None) -> str:
     return "\n".join(out)
 
 
+def render_rpc_floor(floor: list[dict[str, Any]], models: list[dict[str, Any]]) -> str:
+    """The echo-server cells, and the ceiling they put on each model's served/offline ratio."""
+    from bench.pingpong import render_pingpong
+
+    out = [
+        "## RPC floor (no model)", "",
+        "`lstm-bench pingpong`: the same closed-loop load against an echo server on lstm-serve's stack (grpc.aio, "
+        "the same event loop, `StreamSteps` on `context.read()`/`write()`) that answers each request at once with "
+        "a response of the served shape (one output per token, top-5). What Python gRPC alone allows here; CPU per "
+        "request counts both processes.", "",
+        render_pingpong(floor).rstrip(), "",
+        "Ceiling if the RPC work and the model shared the cores perfectly (no idle, no contention): one token costs "
+        "the floor's time plus the offline model's, so ceiling = 1 / (1 / floor tokens/s + 1 / offline tokens/s).",
+        "",
+    ]
+    rows = []
+    for m in models:
+        for cell in floor:
+            n, chunk = cell["sessions"], cell["chunk"]
+            served, offline = _find(m.get("served", []), n, chunk), _find(m.get("offline", []), n, chunk)
+            if not (served and offline and cell["tokens_per_s"] and offline["tokens_per_s"]):
+                continue
+            ceiling = 1.0 / (1.0 / cell["tokens_per_s"] + 1.0 / offline["tokens_per_s"])
+            rows.append([m["name"], n, chunk, cell["tokens_per_s"], offline["tokens_per_s"], ceiling,
+                         f"{ceiling / offline['tokens_per_s']:.2f}×", served["tokens_per_s"],
+                         f"{served['tokens_per_s'] / offline['tokens_per_s']:.2f}×",
+                         f"{100 * served['tokens_per_s'] / ceiling:.0f} %"])
+    if rows:
+        out += [table(["model", "N", "chunk", "floor tokens/s", "offline tokens/s", "ceiling tokens/s",
+                       "ceiling/offline", "served tokens/s", "served/offline", "served/ceiling"], rows), ""]
+    return "\n".join(out) + "\n"
+
+
 def render_sweep(sweep: dict[str, Any], img_prefix: str = "img/") -> str:
     mach, cfg = sweep["machine"], sweep["config"]
     out = [
@@ -375,6 +408,8 @@ def render_sweep(sweep: dict[str, Any], img_prefix: str = "img/") -> str:
     ]
     for m in sweep.get("models", []):
         out.append(render_model_section(m, img_prefix))
+    if sweep.get("rpc_floor"):
+        out.append(render_rpc_floor(sweep["rpc_floor"], sweep.get("models", [])))
     out.append(render_memory(sweep.get("memory")))
     notes = sweep.get("notes")
     if notes:

@@ -46,6 +46,8 @@ class SweepConfig:
     memory_sessions: int = 100_000  # 0 = skip the memory check
     memory_model: str = "reference"
     unbatched: bool = True
+    # (sessions, chunk) cells run against the echo server of bench/pingpong.py: the RPC floor ([] = skip)
+    rpc_floor: list[list[int]] = field(default_factory=lambda: [[256, 1], [64, 16]])
     server_cpus: str | None = None  # taskset -c for the server and the offline runs
     client_cpus: str | None = None  # CPU affinity of this process (the load generator)
     server_args: list[str] = field(default_factory=list)  # extra lstm-serve flags
@@ -203,6 +205,17 @@ class Sweep:
 
         return entry
 
+    def rpc_floor(self) -> list[dict[str, Any]]:
+        """The same closed-loop load against an echo server with no model (bench/pingpong.py)."""
+        from bench.pingpong import run_pingpong
+
+        cells = []
+        for n, chunk in self.cfg.rpc_floor:
+            [r] = run_pingpong([n], [chunk], self.cfg.duration, self.cfg.warmup, self.server_cpus)
+            log(f"rpc floor N={n} chunk={chunk}: {_short(r)}, {r['cpu_ms_per_request']:.3f} ms CPU per request")
+            cells.append(r)
+        return cells
+
     def memory_check(self) -> dict[str, Any]:
         n = self.cfg.memory_sessions
         try:
@@ -217,6 +230,7 @@ class Sweep:
         machine = report.machine_info()
         self.pin_client()
         models = [self.run_model(name) for name in cfg.models]
+        floor = self.rpc_floor()
         memory = None
         if cfg.memory_sessions > 0:
             log(f"memory check: {cfg.memory_sessions:,} idle sessions")
@@ -229,7 +243,8 @@ class Sweep:
         config["server_threads"] = self.server_config.threads or (
             len(parse_cpus(self.server_cpus)) if self.server_cpus else machine.get("torch_threads")
         )
-        return {"machine": machine, "config": config, "models": models, "memory": memory, "notes": self.notes,
+        return {"machine": machine, "config": config, "models": models, "rpc_floor": floor, "memory": memory,
+                "notes": self.notes,
                 "elapsed_s": time.monotonic() - started}
 
 

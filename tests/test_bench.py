@@ -196,7 +196,7 @@ def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_serve
 
     cfg = SweepConfig(
         models=[str(tiny_checkpoint)], sessions=[1, 4], chunks=[2], duration=0.6, warmup=0.2, offline_duration=0.5,
-        open_fractions=[], generate_sessions=[], memory_sessions=0, unbatched=False,
+        open_fractions=[], generate_sessions=[], memory_sessions=0, unbatched=False, rpc_floor=[[4, 2]],
         out=str(tmp_path / "bench.md"), img_dir=str(tmp_path / "img"), json_out=str(tmp_path / "bench.json"),
         cache=str(tmp_path / "cache"),
     )
@@ -213,6 +213,10 @@ def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_serve
     ]
     md = (tmp_path / "bench.md").read_text()
     assert "runs right after the served cell" in md
+    # The RPC floor ran against the echo server, and the ceiling row divides it with the model's own cells.
+    (floor,) = sweep["rpc_floor"]
+    assert (floor["sessions"], floor["chunk"], floor["error_count"]) == (4, 2, 0) and floor["tokens_per_s"] > 0
+    assert "## RPC floor (no model)" in md and f"| {model['name']} | 4 | 2 |" in md
     assert json.loads((tmp_path / "bench.json").read_text())["models"][0]["offline"][1]["batch"] == 4
 
 
