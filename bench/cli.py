@@ -288,7 +288,8 @@ def cmd_pingpong(args: argparse.Namespace) -> int:
     server_cpus = args.server_cpus
     if server_cpus is None and args.client_cpus:
         server_cpus = ",".join(map(str, range(os.cpu_count() or 1)))  # do not inherit the client's pinning
-    results = run_pingpong(args.sessions, args.chunk, args.duration, args.warmup, server_cpus)
+    cells = [(n, chunk) for chunk in args.chunk for n in args.sessions]
+    results = run_pingpong(cells, args.duration, args.warmup, server_cpus)
     print(render_pingpong(results), end="")
     if args.json:
         report.write_json(args.json, results)

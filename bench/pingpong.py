@@ -20,9 +20,7 @@ import asyncio
 import gc
 import secrets
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +29,8 @@ import grpc
 from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
-from bench.loadgen import BenchError, LoadSpec, run_load
-from bench.spawn import parse_cpus, pid_cpu_seconds
+from bench.loadgen import LoadSpec, run_load
+from bench.spawn import SpawnedServer, pid_cpu_seconds
 from service import eventloop
 
 VOCAB = [chr(c) for c in range(32, 97)]  # 65 one-character tokens, the reference model's vocabulary size
@@ -79,57 +77,35 @@ async def serve(port_file: str) -> None:
     await server.wait_for_termination()
 
 
-class EchoServer:
-    """The echo server as a subprocess (optionally under taskset)."""
+class EchoServer(SpawnedServer):
+    """The echo server as a subprocess (optionally under taskset), started and stopped as lstm-serve is."""
 
     def __init__(self, cpus: str | None = None) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="lstm-pingpong-")
-        port_file = Path(self._dir.name) / "port"
-        cmd = [sys.executable, "-m", "bench.pingpong", "--port-file", str(port_file)]
-        if cpus is not None:
-            cmd = ["taskset", "-c", ",".join(map(str, parse_cpus(cpus))), *cmd]
-        self.proc = subprocess.Popen(cmd)
-        deadline = time.monotonic() + 60
-        while not port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise BenchError("the echo server did not start")
-            time.sleep(0.05)
-        self.target = f"127.0.0.1:{int(port_file.read_text())}"
+        super().__init__(checkpoint="", cpus=cpus, metrics=False, start_timeout=60.0)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._dir.cleanup()
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "bench.pingpong", "--port-file", str(Path(self._tmp.name) / "port")]
+        return ["taskset", "-c", self.cpus, *cmd] if self.cpus is not None else cmd
 
 
-def run_pingpong(sessions: list[int], chunks: list[int], duration: float, warmup: float,
+def run_pingpong(cells: list[tuple[int, int]], duration: float, warmup: float,
                  server_cpus: str | None = None) -> list[dict[str, Any]]:
-    """One closed-loop cell per (sessions, chunk) against the echo server; results as run_load gives them,
+    """One closed-loop cell per (sessions, chunk) against one echo server; results as run_load gives them,
     with the echo server's CPU % and both processes' CPU per request added."""
-    server = EchoServer(server_cpus)
     results = []
-    try:
-        for chunk in chunks:
-            for n in sessions:
-                spec = LoadSpec(target=server.target, sessions=n, chunk=chunk, duration=duration, warmup=warmup,
-                                label="pingpong")
-                cpu0, t0 = pid_cpu_seconds(server.proc.pid), time.monotonic()
-                result = eventloop.run(run_load(spec))
-                cpu1, t1 = pid_cpu_seconds(server.proc.pid), time.monotonic()
-                result["kind"] = "pingpong"
-                result["server_cpu_pct"] = 100.0 * (cpu1 - cpu0) / max(t1 - t0, 1e-9)
-                per_s = result["requests_per_s"] or 0.0
-                cpu_pct = result["server_cpu_pct"] + (result["client_cpu_pct"] or 0.0)
-                result["cpu_ms_per_request"] = 10.0 * cpu_pct / per_s if per_s else None
-                results.append(result)
-    finally:
-        server.stop()
+    with EchoServer(server_cpus) as server:
+        for n, chunk in cells:
+            spec = LoadSpec(target=server.target, sessions=n, chunk=chunk, duration=duration, warmup=warmup,
+                            label="pingpong")
+            cpu0, t0 = pid_cpu_seconds(server.pid), time.monotonic()
+            result = eventloop.run(run_load(spec))
+            cpu1, t1 = pid_cpu_seconds(server.pid), time.monotonic()
+            result["kind"] = "pingpong"
+            result["server_cpu_pct"] = 100.0 * (cpu1 - cpu0) / max(t1 - t0, 1e-9)
+            per_s = result["requests_per_s"] or 0.0
+            cpu_pct = result["server_cpu_pct"] + (result["client_cpu_pct"] or 0.0)
+            result["cpu_ms_per_request"] = 10.0 * cpu_pct / per_s if per_s else None
+            results.append(result)
     return results
 
 

@@ -209,11 +209,13 @@ class Sweep:
         """The same closed-loop load against an echo server with no model (bench/pingpong.py)."""
         from bench.pingpong import run_pingpong
 
-        cells = []
-        for n, chunk in self.cfg.rpc_floor:
-            [r] = run_pingpong([n], [chunk], self.cfg.duration, self.cfg.warmup, self.server_cpus)
-            log(f"rpc floor N={n} chunk={chunk}: {_short(r)}, {r['cpu_ms_per_request']:.3f} ms CPU per request")
-            cells.append(r)
+        if not self.cfg.rpc_floor:
+            return []
+        cells = run_pingpong([(n, chunk) for n, chunk in self.cfg.rpc_floor], self.cfg.duration, self.cfg.warmup,
+                             self.server_cpus)
+        for r in cells:
+            log(f"rpc floor N={r['sessions']} chunk={r['chunk']}: {_short(r)}, "
+                f"{r['cpu_ms_per_request']:.3f} ms CPU per request")
         return cells
 
     def memory_check(self) -> dict[str, Any]:

@@ -156,9 +156,11 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             raise RpcError(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         return principal
 
-    async def _unary(
+    async def _call(
         self, method: str, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[T]], request: Any
     ) -> T:
+        """Run a handler that is one coroutine (the unary calls, and StreamSteps, which writes through
+        the context): an engine refusal becomes the call's status, and every call is counted."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -266,7 +268,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
                 server_version=__version__,
             )
 
-        return await self._unary("GetModelInfo", context, body, request)
+        return await self._call("GetModelInfo", context, body, request)
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.CreateSessionResponse:
@@ -275,28 +277,28 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             log.debug("session created", extra={"session_id": short_id(info.session_id)})
             return pb.CreateSessionResponse(session=_session_pb(info))
 
-        return await self._unary("CreateSession", context, body, request)
+        return await self._call("CreateSession", context, body, request)
 
     async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.GetSessionResponse:
             info = await self.engine.get_session(self.principal(context), request.session_id)
             return pb.GetSessionResponse(session=_session_pb(info))
 
-        return await self._unary("GetSession", context, body, request)
+        return await self._call("GetSession", context, body, request)
 
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.DeleteSessionResponse:
             await self.engine.delete_session(self.principal(context), request.session_id)
             return pb.DeleteSessionResponse()
 
-        return await self._unary("DeleteSession", context, body, request)
+        return await self._call("DeleteSession", context, body, request)
 
     async def ResetSession(self, request: pb.ResetSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.ResetSessionResponse:
             info = await self.engine.reset_session(self.principal(context), request.session_id)
             return pb.ResetSessionResponse(session=_session_pb(info))
 
-        return await self._unary("ResetSession", context, body, request)
+        return await self._call("ResetSession", context, body, request)
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.ForkSessionResponse:
@@ -306,7 +308,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             )
             return pb.ForkSessionResponse(session=_session_pb(info))
 
-        return await self._unary("ForkSession", context, body, request)
+        return await self._call("ForkSession", context, body, request)
 
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> Any:
         async def body() -> pb.StepResponse:
@@ -314,7 +316,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             result = await self.engine.step(self.principal(context), request.session_id, tokens, expected, options)
             return _step_response(result)
 
-        return await self._unary("Step", context, body, request)
+        return await self._call("Step", context, body, request)
 
     async def StreamSteps(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         """Requests are submitted as they arrive (so a client may pipeline), answered in order.
@@ -324,21 +326,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         generators and a queue: at token-by-token rates each hop per message was a measurable
         share of the one asyncio thread (docs/performance.md).
         """
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            await _StepStream(self, context).run()
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as e:
-            err = to_rpc_error(e)
-            code = err.code
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("StreamSteps failed")
-            await context.abort(err.code, str(err), trailing_metadata=err.trailing)
-        finally:
-            self._finished("StreamSteps", code, started, context, None)
+        await self._call("StreamSteps", context, lambda: _StepStream(self, context).run(), None)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async for response in self._stream("Generate", context, self._generate(request, context), request):
