@@ -95,13 +95,19 @@ class FailedPreconditionError(EngineError):
     pass
 
 
-# Holding a step for returning sessions (see Engine._regroup): at most this share of the
-# previous step's duration, but while clients are seen to come back at least the minimum
-# hold (never more than max_batch_wait_ms); only while a moving average (this weight per
-# hold) of the share of sessions that came back in time stays at or above the minimum
-# return rate; else one step in REGROUP_PROBE_EVERY still holds (for half a step at most).
+# Holding a step for returning sessions (see Engine._regroup). Its first part lasts at most
+# this share of the previous step or this long per session waited for, whichever is longer,
+# and while clients are seen to come back at least the minimum hold. Past it a hold goes on
+# only while the traffic is a pure loop (others waiting at most this share of the sessions
+# waited for) and they keep coming back, each within REGROUP_QUIET_SECONDS of the last.
+# Never more than max_batch_wait_ms. Holds continue only while a moving average (this weight
+# per hold) of the share of sessions back within the first part stays at or above the
+# minimum return rate; else one step in REGROUP_PROBE_EVERY still holds (first part only).
 REGROUP_SHARE_OF_STEP = 0.5
+REGROUP_SECONDS_PER_ANSWER = 0.0002  # ~what the RPC layer on 2 cores needs to answer a session and read it back
 REGROUP_MIN_HOLD_SECONDS = 0.020
+REGROUP_OTHERS_SHARE = 0.1
+REGROUP_QUIET_SECONDS = 0.005
 REGROUP_MIN_RETURN_RATE = 0.2
 REGROUP_RATE_WEIGHT = 0.2
 REGROUP_PROBE_EVERY = 20
@@ -122,11 +128,11 @@ class EngineLimits:
     max_chunk_tokens: int = 64  # tokens of one session in one step (longer inputs are split)
     max_queued_tokens: int = 262_144  # tokens waiting in the engine over all sessions
     # How long a step may be held for the sessions the previous step answered to send their
-    # next request (0 = never hold); nor longer than half the previous step or 20 ms (see
-    # REGROUP_MIN_HOLD_SECONDS), whichever is longer. 50 ms:
-    # 64 sessions in 16-token chunks need ~25-40 ms to all come back on 2 cores; a 20 ms cap
-    # left ~6 of them a whole step behind (p99 210-229 -> ~151 ms at 50, tokens/s unchanged).
-    max_batch_wait_ms: float = 50.0
+    # next request (0 = never hold). A hold ends sooner when they are all back or stop coming
+    # (see Engine._regroup). 100 ms: 256 token-by-token sessions need ~50-60 ms on 2 cores to
+    # all come back, 64 sessions in 16-token chunks ~25-40 ms (a 20 ms cap left ~6 of those
+    # a whole step behind: p99 210-229 -> ~151 ms at 50).
+    max_batch_wait_ms: float = 100.0
     initial_capacity: int = 64  # state slots allocated at start; the slab grows on demand
     # Sessions whose state is on the device; beyond it, idle sessions are evicted to the
     # state store (LRU). 0 = max_sessions (and without a store it is always max_sessions).
@@ -791,22 +797,35 @@ class Engine:
         answered meanwhile a step later: the batch splits into cohorts that alternate, each
         step runs a fraction of the sessions, and the other cohort's RPC work competes with
         the model for the CPU while it runs (on 2 cores that slowed 64x16-token steps by
-        half). Waiting for the answered sessions keeps them in one batch. The hold ends when
-        they are all back or the batch is full, and lasts at most max_batch_wait_ms and half
-        the last step, so idle time stays a small share of the work. While clients are seen
-        to come back, a hold may last REGROUP_MIN_HOLD_SECONDS even after a short step: half
-        of a ~17 ms step (64 sessions, one token each) is less than the ~25 ms the RPC layer
-        on 2 cores needs to answer them all and read their next requests, so a quarter of
-        them missed every step and waited for the next (A/B, 3 pairs: p99 59-68 -> 44-50 ms,
-        tokens/s +7-16 %; 256 sessions and chunked steps, whose half step is longer, and
-        open loop unchanged).
+        half). Waiting for the answered sessions keeps them in one batch, and where the RPC
+        work and the model share the cores it lets them take turns instead of contending.
+
+        The first part of a hold ends when they are all back or the batch is full, and lasts
+        at most half the last step (so idle time stays a small share of the work) or
+        REGROUP_SECONDS_PER_ANSWER per session waited for, whichever is longer. While clients
+        are seen to come back it lasts at least REGROUP_MIN_HOLD_SECONDS even after a short
+        step: half of a ~17 ms step (64 sessions, one token each) is less than the ~25 ms the
+        RPC layer on 2 cores needs to answer them all and read their next requests (A/B, 3
+        pairs: p99 59-68 -> 44-50 ms, tokens/s +7-16 %).
+
+        Past the first part the hold goes on while the traffic is a pure loop (hardly anyone
+        but the sessions waited for is queued) and they keep coming back, each within
+        REGROUP_QUIET_SECONDS of the last. At 256 token-by-token sessions the RPC layer needs
+        ~50 ms to answer ~250 sessions and read their next requests and the step ~30 ms:
+        half a step let ~40 % of them back, the rest waited a whole step more, and the two
+        cohorts' steps each ran beside the other's RPC work, so a step of ~150 took as long
+        as one of all ~250 now does (A/B in docs/performance.md: +5-11 % tokens/s, p99 -15 ms).
+        With open-loop traffic near capacity the answered sessions come back too (their next
+        requests are already waiting at the client); there longer holds only added latency,
+        hence the pure-loop condition. max_batch_wait_ms caps it all.
 
         Clients that do not answer back at once (independent arrivals) only pay for a hold:
         it measured p99 128 -> 174 ms at 256 sessions in open loop. So holds continue only
-        while a moving average of the share of waited-for sessions that came back in time
+        while a moving average of the share of waited-for sessions back within the first part
         stays at REGROUP_MIN_RETURN_RATE or more (measured: ~0.4 for 256 sessions in a closed
         loop, ~0.005 in that open loop); otherwise one step in REGROUP_PROBE_EVERY holds, to
-        notice when the traffic turns into loops again.
+        notice when the traffic turns into loops again. Only the first part is judged:
+        within a long hold, independent clients come back too.
         """
         answered, self._answered = self._answered, []
         cap = self.limits.max_batch_wait_ms / 1000.0
@@ -816,16 +835,20 @@ class Engine:
         looping = self._return_rate >= REGROUP_MIN_RETURN_RATE
         if not looping and self._steps_since_hold < REGROUP_PROBE_EVERY:
             return
-        budget = REGROUP_SHARE_OF_STEP * self._last_step_seconds
-        if looping:
-            budget = max(budget, REGROUP_MIN_HOLD_SECONDS)
-        budget = min(budget, cap)
-        deadline = self._last_step_end + budget
         scheduler = self.scheduler
         missing = {key for key in answered if not scheduler.pending(key)}
         if not missing:
             return
         waited_for = len(missing)
+        budget = max(REGROUP_SHARE_OF_STEP * self._last_step_seconds, REGROUP_SECONDS_PER_ANSWER * waited_for)
+        if looping:
+            budget = max(budget, REGROUP_MIN_HOLD_SECONDS)
+        # The return rate is judged at `deadline`; past it a hold goes on only while clients
+        # loop and keep coming back (each return moves `quiet_until`), up to the cap.
+        deadline = self._last_step_end + min(budget, cap)
+        extended = self._last_step_end + cap if looping else deadline
+        quiet_until = -math.inf
+        returned: float | None = None
         held_from = time.monotonic()
         self._steps_since_hold = 0
         batch_full = False
@@ -836,14 +859,24 @@ class Engine:
             ):
                 batch_full = True
                 break
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            if now >= deadline and returned is None:
+                back = waited_for - len(missing)
+                returned = back / waited_for
+                if scheduler.queued_sessions - back > REGROUP_OTHERS_SHARE * waited_for:
+                    extended = deadline  # not a pure loop: others wait too (open-loop traffic)
+            remaining = (deadline if now < deadline else min(extended, quiet_until)) - now
             if remaining <= 0:
                 break
             self._wake.wait(timeout=remaining)
             self._wake.clear()
+            still_missing = len(missing)
             missing.difference_update(self._drain_inbox())
+            if len(missing) < still_missing:
+                quiet_until = time.monotonic() + REGROUP_QUIET_SECONDS
         if not batch_full:  # a hold cut short by a full batch says nothing about the clients
-            returned = (waited_for - len(missing)) / waited_for
+            if returned is None:  # all back (or stopping) before the deadline
+                returned = (waited_for - len(missing)) / waited_for
             self._return_rate += REGROUP_RATE_WEIGHT * (returned - self._return_rate)
         if self.metrics is not None:
             self.metrics.batch_hold_seconds.observe(time.monotonic() - held_from)

@@ -1,9 +1,9 @@
 """Regrouping: the engine holds a step briefly for the sessions the previous step answered.
 
-Proven on a real server. The hold is capped by --max-batch-wait-ms and by a share of the
-previous step's duration (but not below a minimum while clients loop); the tiny test model
-steps in about a millisecond, so the tests raise that share to make the configured wait the
-cap.
+Proven on a real server. The hold is capped by --max-batch-wait-ms and, in its first part,
+by a share of the previous step's duration (but not below a minimum while clients loop); the
+tiny test model steps in about a millisecond, so the tests raise that share to make the
+configured wait the cap, or set the parts' lengths they need.
 """
 
 from __future__ import annotations
@@ -92,6 +92,58 @@ async def test_short_steps_still_hold_for_the_minimum_while_clients_loop(
         capped = time.monotonic() - started
     assert 0.3 <= held < 3.0, held
     assert capped < 0.3, capped
+
+
+@pytest.fixture
+def long_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first part of 0.3 s, and past it a hold goes on while sessions come back within 1 s."""
+    monkeypatch.setattr(service.engine, "REGROUP_SHARE_OF_STEP", 0.0)
+    monkeypatch.setattr(service.engine, "REGROUP_MIN_HOLD_SECONDS", 0.3)
+    monkeypatch.setattr(service.engine, "REGROUP_QUIET_SECONDS", 1.0)
+
+
+async def answer_together(srv: RunningServer, stub: pb_grpc.LstmServiceStub, a: str, b: str) -> None:
+    """With `a` just answered: b waits, a comes back, and one step answers both."""
+    steps_before = srv.engine.steps_run
+    waiting = step(stub, b)
+    await asyncio.sleep(0.05)
+    await step(stub, a)
+    await waiting
+    assert srv.engine.steps_run == steps_before + 1
+
+
+async def send_after(delay: float, stub: pb_grpc.LstmServiceStub, sid: str) -> float:
+    """Step `sid` after `delay`; the seconds until its answer."""
+    await asyncio.sleep(delay)
+    started = time.monotonic()
+    await step(stub, sid)
+    return time.monotonic() - started
+
+
+async def test_hold_goes_on_while_a_loop_keeps_coming_back(tiny_checkpoint: Path, long_quiet: None) -> None:
+    async with first_answered(tiny_checkpoint, max_batch_wait_ms=10_000) as (srv, stub, (a, b)):
+        await answer_together(srv, stub, a, b)
+        steps_before = srv.engine.steps_run
+        # a is back within the first part, b after it but within the quiet time of a: one step.
+        a_waited, b_waited = await asyncio.gather(send_after(0.1, stub, a), send_after(0.6, stub, b))
+        assert srv.engine.steps_run == steps_before + 1
+        assert a_waited >= 0.4 and b_waited < 0.4, (a_waited, b_waited)
+
+
+async def test_hold_past_its_first_part_ends_when_returns_stop(tiny_checkpoint: Path, long_quiet: None) -> None:
+    async with first_answered(tiny_checkpoint, max_batch_wait_ms=10_000) as (srv, stub, (a, b)):
+        await answer_together(srv, stub, a, b)
+        a_waited = await send_after(0.1, stub, a)  # b never comes back
+        # held ~1 s after a's return (the quiet time), not to the 10 s cap
+        assert 0.7 <= a_waited < 5.0, a_waited
+
+
+async def test_hold_is_not_extended_while_others_wait(tiny_checkpoint: Path, long_quiet: None) -> None:
+    async with first_answered(tiny_checkpoint, 3, max_batch_wait_ms=10_000) as (srv, stub, (a, b, c)):
+        await answer_together(srv, stub, a, b)
+        # c is no part of the loop: once the first part ends, a and c run without waiting for b.
+        c_waited, a_waited = await asyncio.gather(send_after(0.0, stub, c), send_after(0.1, stub, a))
+        assert c_waited < 0.7 and a_waited < 0.6, (c_waited, a_waited)
 
 
 async def test_full_batch_is_not_held(tiny_checkpoint: Path) -> None:
