@@ -35,6 +35,7 @@ from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
 from bench.stats import cdf_points_ms, summarize_ms
+from service import eventloop
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"
 MODES = ("closed", "open", "generate")
@@ -470,7 +471,7 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
         # (young collections every few responses at the default threshold).
         thresholds = gc.get_threshold()
         gc.freeze()
-        gc.set_threshold(20_000, 50, 100)
+        gc.set_threshold(*eventloop.GC_THRESHOLDS)
         try:
             sources = [TokenSource(pool, rng.randrange(len(pool))) for _ in ids]
             start = now()

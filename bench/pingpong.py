@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import secrets
 import signal
 import sys
@@ -69,11 +68,8 @@ async def serve(port_file: str) -> None:
     pb_grpc.add_LstmServiceServicer_to_server(EchoServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    gc.freeze()  # as lstm-serve does
-    gc.set_threshold(20_000, 50, 100)
-    tmp = Path(port_file + ".tmp")
-    tmp.write_text(f"{port}\n")
-    tmp.replace(port_file)
+    eventloop.settle_gc()  # as lstm-serve does
+    eventloop.write_port_file(port_file, port)
     await server.wait_for_termination()
 
 

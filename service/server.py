@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import logging
 import signal
@@ -461,13 +460,7 @@ class LstmServer:
                 self.metrics, host, self.config.metrics_port
             )
         await self.grpc_server.start()
-        # Everything allocated so far (model, slabs, modules) lives as long as the server: move it
-        # out of the collector's sight so full collections stay short (they were the p99 tail).
-        gc.collect()
-        gc.freeze()
-        # A request allocates a few hundred short-lived objects: at the default threshold (700)
-        # a young collection ran every few requests (~5% of the RPC thread at 256 sessions).
-        gc.set_threshold(20_000, 50, 100)
+        eventloop.settle_gc()  # what exists now lives as long as the server
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -583,9 +576,7 @@ async def serve(config: ServerConfig) -> int:
         config.host, port, server.metrics_port, server.engine.device.type, config.dtype, eventloop.loop_name(),
     )
     if config.port_file:
-        tmp = Path(config.port_file + ".tmp")
-        tmp.write_text(f"{port}\n")
-        tmp.replace(config.port_file)
+        eventloop.write_port_file(config.port_file, port)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
