@@ -207,13 +207,13 @@ class _Session:
     dirty: bool = False  # state changed since its last snapshot in the store
     # Set for stored sessions of another checkpoint: refused with FAILED_PRECONDITION.
     foreign_checkpoint: str | None = None
-    @property
-    def key(self) -> str:
-        return session_key(self.owner, self.session_id)
-
     # The most recent step (start position, tokens, result): a retry of it is answered
     # from here instead of being applied twice.
     last_step: tuple[int, tuple[int, ...], StepResult] | None = None
+    key: str = field(init=False)  # session_key(owner, session_id), computed once: every step looks it up
+
+    def __post_init__(self) -> None:
+        self.key = session_key(self.owner, self.session_id)
 
 
 @dataclass(eq=False)
@@ -1008,12 +1008,12 @@ class Engine:
         finished_at = time.monotonic()
         journal: list[JournalEntry] = []
         input_tokens = generated = 0
+        journaling = self.store is not None and self.durability.mode == "journal"
         for (row, record), out in zip(running, outputs):
             item, job = row.item, row.item.payload
             record.last_used = finished_at
-            record.dirty = True
-            self._resident.move_to_end(record.key)
-            if self.store is not None and self.durability.mode == "journal":
+            record.dirty = True  # (its place in the LRU order was renewed by _make_resident)
+            if journaling:
                 applied = [out.sampled_token] if row.sample else item.tokens[item.done : item.done + row.num_tokens]
                 journal.append(JournalEntry(record.key, record.position, applied))
             if row.sample:
@@ -1120,6 +1120,10 @@ def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
 
 
 def _join_step(session_id: str, position: int, tokens: list[int], parts: list[RowOutput]) -> StepResult:
+    if len(parts) == 1:  # the common case (an input of at most max_chunk_tokens), once per session per step
+        p = parts[0]
+        return StepResult(session_id, position, tokens, p.top_tokens, p.top_logprobs, p.logprobs, p.hidden)
+
     def cat(name: str) -> np.ndarray | None:
         arrays = [getattr(p, name) for p in parts]
         if any(a is None for a in arrays):
@@ -1129,7 +1133,7 @@ def _join_step(session_id: str, position: int, tokens: list[int], parts: list[Ro
     return StepResult(
         session_id=session_id,
         position=position,
-        tokens=list(tokens),
+        tokens=tokens,
         top_tokens=cat("top_tokens"),
         top_logprobs=cat("top_logprobs"),
         logprobs=cat("logprobs"),
