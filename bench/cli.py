@@ -6,6 +6,8 @@
     lstm-bench render   docs/benchmarks.json           re-render the document and plots from a sweep's JSON
     lstm-bench memory   --sessions 100000              idle-session RSS vs raw state bytes
     lstm-bench accuracy --dtypes bfloat16              a reduced-precision step's loss and log-prob drift
+    lstm-bench pingpong --sessions 256 --chunk 1       the RPC floor: the same load against an echo server
+    lstm-bench engine   --sessions 256 --chunk 1       the engine driven in-process: served minus gRPC
     lstm-bench reference                               write the reference checkpoint, print its path
 """
 
@@ -154,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-cpus", default=None, help="pin this process (the load generator) to CPUS")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
 
+    p = sub.add_parser("engine", help="the engine without gRPC: closed-loop sessions awaiting Engine.step "
+                       "in-process", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="reference", help="'reference', 'default' or a checkpoint directory")
+    p.add_argument("--cache-dir", default=str(cache_dir()))
+    p.add_argument("--sessions", type=_ints, default=[64, 256], help="concurrent sessions (comma list)")
+    p.add_argument("--chunk", type=_ints, default=[1, 16], help="tokens per request (comma list)")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the measured window")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
+
     p = sub.add_parser("reference", help="write the reference checkpoint (if missing) and print its path")
     p.add_argument("--cache-dir", default=str(cache_dir()))
     return parser
@@ -296,6 +309,19 @@ def cmd_pingpong(args: argparse.Namespace) -> int:
     return 1 if any(r.get("error_count") for r in results) else 0
 
 
+def cmd_engine(args: argparse.Namespace) -> int:
+    from bench.inprocess import InProcessSpec, render_inprocess, run_inprocess
+
+    checkpoint = resolve_model(args.model, Path(args.cache_dir))
+    results = [run_inprocess(InProcessSpec(checkpoint=str(checkpoint), sessions=n, chunk=chunk,
+                                           duration=args.duration, warmup=args.warmup, threads=args.threads))
+               for chunk in args.chunk for n in args.sessions]
+    print(render_inprocess(results), end="")
+    if args.json:
+        report.write_json(args.json, results)
+    return 1 if any(r["mismatches"] for r in results) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -313,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_accuracy(args)
         if args.command == "pingpong":
             return cmd_pingpong(args)
+        if args.command == "engine":
+            return cmd_engine(args)
         print(reference_checkpoint(Path(args.cache_dir)))
         return 0
     except BenchError as e:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from bench.cli import main as bench_main
 from bench.loadgen import BenchError, LoadSpec, check_loopback, result_fields, run_load
 from bench.offline import OfflineSpec, offline_fields, run_offline
 from bench.report import model_checks, plot_latency_cdf, plot_throughput, render_results, render_sweep
-from tests.conftest import RunningServer, run_server
+from tests.conftest import ROOT, RunningServer, run_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -260,3 +262,23 @@ def test_pingpong_measures_the_rpc_floor(tmp_path: Path, capsys: pytest.CaptureF
     assert cell["tokens"] == 3 * cell["requests"]  # one output per input token came back
     assert cell["server_cpu_pct"] > 0 and cell["cpu_ms_per_request"] > 0
     assert "| 4 | 3 |" in capsys.readouterr().out
+
+
+def test_engine_mode_drives_the_engine_in_process(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`lstm-bench engine` (a process of its own, as a user runs it: it sets the collector as lstm-serve does):
+    every session's answers come back in order with one output per token and the right position, and the
+    steps batch several sessions."""
+    out = tmp_path / "engine.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "engine", "--model", str(tiny_checkpoint), "--sessions", "6",
+         "--chunk", "3", "--duration", "1.5", "--warmup", "0.3", "--threads", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    [cell] = json.loads(out.read_text())
+    assert cell["kind"] == "engine" and cell["mismatches"] == 0 and cell["requests"] > 20
+    assert cell["tokens"] == 3 * cell["requests"]
+    assert cell["latency_ms"]["count"] == cell["requests"]
+    assert 1 < cell["mean_batch"] <= 6  # sessions shared steps
+    assert cell["cpu_pct"] > 0
+    assert "| 6 | 3 |" in proc.stdout

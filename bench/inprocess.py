@@ -1,0 +1,138 @@
+"""The engine without gRPC: lstm-serve's engine driven from its own event loop.
+
+    lstm-bench engine --model reference --sessions 256 --chunk 1
+
+N sessions in a closed loop, each a coroutine that awaits `Engine.step` and sends its next
+chunk when the answer is back, on the event loop lstm-serve runs (service/eventloop.py) and
+with the engine at the server's defaults (EngineLimits(), no state store, metrics on) and the
+server's collector settings. The work per token is the served one minus gRPC: the scheduler,
+the holds, the engine's Python per row, the runner, and the event loop's round trip to the
+engine thread. Set between the offline limit (the model step alone) and the served rate
+(through gRPC), it shows where the served throughput goes: to the engine or to the RPC layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
+
+from bench.loadgen import BenchError, TokenSource
+from bench.stats import summarize_ms
+from model.checkpoint import load_checkpoint
+from service import eventloop
+from service.engine import Engine, StepOptions
+from service.metrics import Metrics
+
+OWNER = "lstm-bench"
+
+
+@dataclass
+class InProcessSpec:
+    checkpoint: str  # checkpoint directory
+    sessions: int = 256  # concurrent sessions, each in a closed loop
+    chunk: int = 1  # tokens per request
+    duration: float = 10.0  # measured seconds
+    warmup: float = 2.0  # seconds of load before the measured window
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    top_k: int = 5  # top next tokens per input token, as the load generator asks
+    seed: int = 0  # of the random input tokens
+    label: str = ""
+
+
+def run_inprocess(spec: InProcessSpec) -> dict[str, Any]:
+    if spec.sessions < 1 or spec.chunk < 1 or spec.duration <= 0 or spec.warmup < 0:
+        raise BenchError("sessions and chunk must be >= 1, duration > 0 and warmup >= 0")
+    if spec.threads > 0:
+        torch.set_num_threads(spec.threads)
+    return eventloop.run(_run(spec))  # type: ignore[no-any-return]
+
+
+async def _run(spec: InProcessSpec) -> dict[str, Any]:
+    checkpoint = load_checkpoint(spec.checkpoint)
+    engine = Engine(checkpoint, torch.device("cpu"), metrics=Metrics(CollectorRegistry(), process_metrics=False))
+    engine.start(asyncio.get_running_loop())
+    try:
+        ids = [(await engine.create_session(OWNER)).session_id for _ in range(spec.sessions)]
+        pool = np.random.default_rng(spec.seed).integers(0, checkpoint.config.vocab_size, size=1 << 16,
+                                                         dtype=np.int64)
+        options = StepOptions(top_k=spec.top_k)
+        eventloop.settle_gc()  # as lstm-serve does once it serves
+        start = time.monotonic()
+        warm_end = start + spec.warmup
+        end = warm_end + spec.duration
+        latencies: list[float] = []
+        counted = [0, 0]  # requests and tokens answered in the measured window
+        mismatches = [0]
+
+        async def session(index: int, sid: str) -> None:
+            source = TokenSource(pool, index * 997)
+            position = 0
+            while True:
+                sent = time.monotonic()
+                if sent >= end:
+                    return
+                tokens = source.next(spec.chunk)
+                result = await engine.step(OWNER, sid, tokens, options=options)
+                done = time.monotonic()
+                position += len(tokens)
+                if result.position != position or result.top_tokens is None or len(result.top_tokens) != len(tokens):
+                    mismatches[0] += 1
+                if sent >= warm_end and done <= end:
+                    latencies.append(done - sent)
+                    counted[0] += 1
+                    counted[1] += len(tokens)
+
+        marks: list[tuple[float, int]] = []  # (process CPU seconds, engine steps) at the window's ends
+
+        async def mark_window() -> None:
+            for t in (warm_end, end):
+                await asyncio.sleep(max(0.0, t - time.monotonic()))
+                marks.append((time.process_time(), engine.steps_run))
+
+        marker = asyncio.create_task(mark_window())
+        await asyncio.gather(*(session(i, sid) for i, sid in enumerate(ids)))
+        await marker
+    finally:
+        engine.stop()
+    requests, tokens = counted
+    cpu, steps = marks[1][0] - marks[0][0], marks[1][1] - marks[0][1]
+    return {
+        "kind": "engine",
+        "label": spec.label,
+        "sessions": spec.sessions,
+        "chunk": spec.chunk,
+        "requests": requests,
+        "tokens": tokens,
+        "window_s": spec.duration,
+        "tokens_per_s": tokens / spec.duration,
+        "requests_per_s": requests / spec.duration,
+        "latency_ms": summarize_ms(latencies),
+        "steps": steps,
+        "mean_batch": requests / steps if steps else None,  # one request per session per step
+        "cpu_pct": 100.0 * cpu / spec.duration,
+        "mismatches": mismatches[0],
+        "threads": torch.get_num_threads(),
+        "spec": asdict(spec),
+    }
+
+
+def render_inprocess(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| N | chunk | tokens/s | requests/s | p50 ms | p99 ms | steps | mean batch | CPU % | mismatches |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lat = r.get("latency_ms") or {}
+        batch = r.get("mean_batch")
+        lines.append(
+            f"| {r['sessions']} | {r['chunk']} | {r['tokens_per_s']:,.0f} | {r['requests_per_s']:,.0f} | "
+            f"{lat.get('p50', 0):.1f} | {lat.get('p99', 0):.1f} | {r['steps']} | "
+            f"{'–' if batch is None else f'{batch:.1f}'} | {r['cpu_pct']:.1f} | {r['mismatches']} |"
+        )
+    return "\n".join(lines) + "\n"
