@@ -23,6 +23,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from bench.loadgen import BenchError, TokenSource
+from bench.report import fmt
 from bench.stats import summarize_ms
 from model.checkpoint import load_checkpoint
 from service import eventloop
@@ -55,7 +56,8 @@ def run_inprocess(spec: InProcessSpec) -> dict[str, Any]:
 
 async def _run(spec: InProcessSpec) -> dict[str, Any]:
     checkpoint = load_checkpoint(spec.checkpoint)
-    engine = Engine(checkpoint, torch.device("cpu"), metrics=Metrics(CollectorRegistry(), process_metrics=False))
+    metrics = Metrics(CollectorRegistry(), process_metrics=False)
+    engine = Engine(checkpoint, torch.device("cpu"), metrics=metrics)
     engine.start(asyncio.get_running_loop())
     try:
         ids = [(await engine.create_session(OWNER)).session_id for _ in range(spec.sessions)]
@@ -88,12 +90,13 @@ async def _run(spec: InProcessSpec) -> dict[str, Any]:
                     counted[0] += 1
                     counted[1] += len(tokens)
 
-        marks: list[tuple[float, int]] = []  # (process CPU seconds, engine steps) at the window's ends
+        marks: list[dict[str, float]] = []  # process CPU seconds, engine steps and metric sums at the window's ends
 
         async def mark_window() -> None:
             for t in (warm_end, end):
                 await asyncio.sleep(max(0.0, t - time.monotonic()))
-                marks.append((time.process_time(), engine.steps_run))
+                marks.append({"cpu": time.process_time(), "steps": engine.steps_run,
+                              **{name: metrics.registry.get_sample_value(name) or 0.0 for name in WINDOW_METRICS}})
 
         marker = asyncio.create_task(mark_window())
         await asyncio.gather(*(session(i, sid) for i, sid in enumerate(ids)))
@@ -101,7 +104,8 @@ async def _run(spec: InProcessSpec) -> dict[str, Any]:
     finally:
         engine.stop()
     requests, tokens = counted
-    cpu, steps = marks[1][0] - marks[0][0], marks[1][1] - marks[0][1]
+    delta = {name: marks[1][name] - marks[0][name] for name in marks[0]}
+    cpu, steps = delta["cpu"], int(delta["steps"])
     return {
         "kind": "engine",
         "label": spec.label,
@@ -115,6 +119,9 @@ async def _run(spec: InProcessSpec) -> dict[str, Any]:
         "latency_ms": summarize_ms(latencies),
         "steps": steps,
         "mean_batch": requests / steps if steps else None,  # one request per session per step
+        # The engine's own view: mean step (model call and the Python around it) and mean hold.
+        "step_ms_mean": _mean_ms(delta, "lstm_step_duration_seconds"),
+        "hold_ms_mean": _mean_ms(delta, "lstm_batch_hold_seconds"),
         "cpu_pct": 100.0 * cpu / spec.duration,
         "mismatches": mismatches[0],
         "threads": torch.get_num_threads(),
@@ -122,10 +129,20 @@ async def _run(spec: InProcessSpec) -> dict[str, Any]:
     }
 
 
+WINDOW_METRICS = ("lstm_step_duration_seconds_sum", "lstm_step_duration_seconds_count",
+                  "lstm_batch_hold_seconds_sum", "lstm_batch_hold_seconds_count")
+
+
+def _mean_ms(delta: dict[str, float], histogram: str) -> float | None:
+    count = delta[histogram + "_count"]
+    return 1e3 * delta[histogram + "_sum"] / count if count else None
+
+
 def render_inprocess(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| N | chunk | tokens/s | requests/s | p50 ms | p99 ms | steps | mean batch | CPU % | mismatches |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| N | chunk | tokens/s | requests/s | p50 ms | p99 ms | steps | mean batch | step ms | hold ms | CPU % "
+        "| mismatches |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lat = r.get("latency_ms") or {}
@@ -133,6 +150,7 @@ def render_inprocess(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['sessions']} | {r['chunk']} | {r['tokens_per_s']:,.0f} | {r['requests_per_s']:,.0f} | "
             f"{lat.get('p50', 0):.1f} | {lat.get('p99', 0):.1f} | {r['steps']} | "
-            f"{'–' if batch is None else f'{batch:.1f}'} | {r['cpu_pct']:.1f} | {r['mismatches']} |"
+            f"{'–' if batch is None else f'{batch:.1f}'} | {fmt(r['step_ms_mean'], 2)} | {fmt(r['hold_ms_mean'], 2)} | "
+            f"{r['cpu_pct']:.1f} | {r['mismatches']} |"
         )
     return "\n".join(lines) + "\n"
