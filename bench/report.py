@@ -361,6 +361,26 @@ def render_rpc_floor(floor: list[dict[str, Any]], models: list[dict[str, Any]]) 
     if rows:
         out += [table(["model", "N", "chunk", "floor tokens/s", "offline tokens/s", "ceiling tokens/s",
                        "ceiling/offline", "served tokens/s", "served/offline", "served/ceiling"], rows), ""]
+    rows = []
+    for m in models:
+        for engine in m.get("engine", []):
+            n, chunk = engine["sessions"], engine["chunk"]
+            served, offline = _find(m.get("served", []), n, chunk), _find(m.get("offline", []), n, chunk)
+            off_tps, served_tps = (offline or {}).get("tokens_per_s"), (served or {}).get("tokens_per_s")
+            rows.append([m["name"], n, chunk, off_tps, engine["tokens_per_s"],
+                         ratio_text(_ratio(engine["tokens_per_s"], off_tps)), engine.get("mean_batch"),
+                         engine.get("step_ms_mean"), engine.get("hold_ms_mean"), served_tps,
+                         ratio_text(_ratio(served_tps, engine["tokens_per_s"]))])
+    if rows:
+        out += [
+            "The engine without gRPC (`lstm-bench engine`, a process of its own on the server's CPUs, right after "
+            "the offline cell): the same closed loop, each session a coroutine awaiting `Engine.step` on "
+            "lstm-serve's event loop, the engine at its defaults. What it loses against offline is the engine's "
+            "(holds, Python per row, the hop to the engine thread and back); what served loses against it is "
+            "gRPC's.", "",
+            table(["model", "N", "chunk", "offline tokens/s", "engine tokens/s", "engine/offline", "mean batch",
+                   "step ms", "hold ms", "served tokens/s", "served/engine"], rows), "",
+        ]
     return "\n".join(out) + "\n"
 
 

@@ -46,7 +46,8 @@ class SweepConfig:
     memory_sessions: int = 100_000  # 0 = skip the memory check
     memory_model: str = "reference"
     unbatched: bool = True
-    # (sessions, chunk) cells run against the echo server of bench/pingpong.py: the RPC floor ([] = skip)
+    # (sessions, chunk) cells run against the echo server of bench/pingpong.py (the RPC floor) and, per
+    # model, through the engine in-process (bench/inprocess.py) ([] = skip both)
     rpc_floor: list[list[int]] = field(default_factory=lambda: [[256, 1], [64, 16]])
     server_cpus: str | None = None  # taskset -c for the server and the offline runs
     client_cpus: str | None = None  # CPU affinity of this process (the load generator)
@@ -148,10 +149,30 @@ class Sweep:
             f"step p50 {r['step_ms']['p50']:.2f} ms")
         return r
 
+    def engine_cell(self, name: str, checkpoint: Path, sessions: int, chunk: int) -> dict[str, Any]:
+        """The same closed loop through the engine in-process (no gRPC), in a process of its own on the
+        server's CPUs and threads."""
+        sc = self.server_config
+        threads = sc.threads or (len(parse_cpus(self.server_cpus)) if self.server_cpus else 0)
+        with tempfile.TemporaryDirectory(prefix="lstm-bench-engine-") as tmp:
+            out = Path(tmp) / "engine.json"
+            cmd = [sys.executable, "-m", "bench", "engine", "--model", str(checkpoint), "--sessions", str(sessions),
+                   "--chunk", str(chunk), "--duration", str(self.cfg.duration), "--warmup", str(self.cfg.warmup),
+                   "--threads", str(threads), "--json", str(out)]
+            if self.server_cpus:
+                cmd = ["taskset", "-c", self.server_cpus, *cmd]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0:
+                raise BenchError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+            (r,) = json.loads(out.read_text())
+        log(f"{name}/engine N={sessions} chunk={chunk}: {r['tokens_per_s']:,.0f} tok/s, mean batch "
+            f"{r['mean_batch'] or 0:.1f}, step {r['step_ms_mean'] or 0:.1f} ms, hold {r['hold_ms_mean'] or 0:.1f} ms")
+        return r  # type: ignore[no-any-return]
+
     def run_model(self, name: str) -> dict[str, Any]:
         cfg = self.cfg
-        entry: dict[str, Any] = {"name": name, "served": [], "unbatched": [], "offline": [], "open": [],
-                                 "generate": [], "plots": {}}
+        entry: dict[str, Any] = {"name": name, "served": [], "unbatched": [], "offline": [], "engine": [],
+                                 "open": [], "generate": [], "plots": {}}
         try:
             checkpoint = resolve_model(name, Path(cfg.cache))
         except BenchError as e:
@@ -173,6 +194,8 @@ class Sweep:
                     # this VM's speed drifts by tens of percent over minutes, and a ratio should
                     # divide two measurements taken together.
                     entry["offline"].append(self.offline_for(name, checkpoint, served.get("server"), n, chunk))
+                    if [n, chunk] in cfg.rpc_floor:  # and, at the target cells, the engine without gRPC
+                        entry["engine"].append(self.engine_cell(name, checkpoint, n, chunk))
             entry["server_info"] = entry["served"][0]["server"] if entry["served"] else None
             base = next((c for c in entry["served"] if c["sessions"] == cfg.open_sessions and c["chunk"] == 1), None)
             if base is None and entry["served"]:

@@ -207,18 +207,22 @@ def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_serve
     assert [(c["sessions"], c["chunk"]) for c in model["served"]] == [(1, 2), (4, 2)]
     assert [(c["sessions"], c["chunk"], c["batch"]) for c in model["offline"]] == [(1, 2, 1), (4, 2, 4)]
     assert all(c["tokens_per_s"] > 0 for c in model["served"] + model["offline"])
-    # Interleaved: served N=1, offline N=1, served N=4, offline N=4.
+    # Interleaved: served N=1, offline N=1, served N=4, offline N=4, and at the RPC-floor cell the engine.
     order = [line.split("] ", 1)[1].split(":")[0] for line in capsys.readouterr().err.splitlines()
-             if "/served N=" in line or "/offline N=" in line]
+             if "/served N=" in line or "/offline N=" in line or "/engine N=" in line]
     assert [o.rsplit("/", 1)[1] for o in order] == [
-        "served N=1 chunk=2", "offline N=1 chunk=2 batch=1", "served N=4 chunk=2", "offline N=4 chunk=2 batch=4"
+        "served N=1 chunk=2", "offline N=1 chunk=2 batch=1", "served N=4 chunk=2", "offline N=4 chunk=2 batch=4",
+        "engine N=4 chunk=2",
     ]
+    (engine,) = model["engine"]
+    assert (engine["sessions"], engine["chunk"], engine["mismatches"]) == (4, 2, 0) and engine["tokens_per_s"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "runs right after the served cell" in md
     # The RPC floor ran against the echo server, and the ceiling row divides it with the model's own cells.
     (floor,) = sweep["rpc_floor"]
     assert (floor["sessions"], floor["chunk"], floor["error_count"]) == (4, 2, 0) and floor["tokens_per_s"] > 0
     assert "## RPC floor (no model)" in md and f"| {model['name']} | 4 | 2 |" in md
+    assert "The engine without gRPC" in md and md.count(f"| {model['name']} | 4 | 2 |") == 2
     assert json.loads((tmp_path / "bench.json").read_text())["models"][0]["offline"][1]["batch"] == 4
 
 
