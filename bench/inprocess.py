@@ -23,7 +23,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from bench.loadgen import BenchError, TokenSource
-from bench.report import fmt
+from bench.report import fmt, table
 from bench.stats import summarize_ms
 from model.checkpoint import load_checkpoint
 from service import eventloop
@@ -139,18 +139,13 @@ def _mean_ms(delta: dict[str, float], histogram: str) -> float | None:
 
 
 def render_inprocess(results: list[dict[str, Any]]) -> str:
-    lines = [
-        "| N | chunk | tokens/s | requests/s | p50 ms | p99 ms | steps | mean batch | step ms | hold ms | CPU % "
-        "| mismatches |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for r in results:
         lat = r.get("latency_ms") or {}
         batch = r.get("mean_batch")
-        lines.append(
-            f"| {r['sessions']} | {r['chunk']} | {r['tokens_per_s']:,.0f} | {r['requests_per_s']:,.0f} | "
-            f"{lat.get('p50', 0):.1f} | {lat.get('p99', 0):.1f} | {r['steps']} | "
-            f"{'–' if batch is None else f'{batch:.1f}'} | {fmt(r['step_ms_mean'], 2)} | {fmt(r['hold_ms_mean'], 2)} | "
-            f"{r['cpu_pct']:.1f} | {r['mismatches']} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([r["sessions"], r["chunk"], f"{r['tokens_per_s']:,.0f}", f"{r['requests_per_s']:,.0f}",
+                     f"{lat.get('p50', 0):.1f}", f"{lat.get('p99', 0):.1f}", r["steps"],
+                     None if batch is None else f"{batch:.1f}", fmt(r["step_ms_mean"], 2), fmt(r["hold_ms_mean"], 2),
+                     f"{r['cpu_pct']:.1f}", r["mismatches"]])
+    return table(["N", "chunk", "tokens/s", "requests/s", "p50 ms", "p99 ms", "steps", "mean batch", "step ms",
+                  "hold ms", "CPU %", "mismatches"], rows) + "\n"

@@ -106,19 +106,17 @@ def run_pingpong(cells: list[tuple[int, int]], duration: float, warmup: float,
 
 
 def render_pingpong(results: list[dict[str, Any]]) -> str:
-    lines = [
-        "| N | chunk | requests/s | tokens/s | p50 ms | p99 ms | server CPU % | client CPU % | CPU ms per request |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    from bench.report import table  # not at the top: the echo server (this module) stays free of torch
+
+    rows = []
     for r in results:
         lat = r.get("latency_ms") or {}
         per = r.get("cpu_ms_per_request")
-        lines.append(
-            f"| {r['sessions']} | {r['chunk']} | {r['requests_per_s']:,.0f} | {r['tokens_per_s']:,.0f} | "
-            f"{lat.get('p50', 0):.1f} | {lat.get('p99', 0):.1f} | {r['server_cpu_pct']:.1f} | "
-            f"{r.get('client_cpu_pct') or 0:.1f} | {'–' if per is None else f'{per:.3f}'} |"
-        )
-    return "\n".join(lines) + "\n"
+        rows.append([r["sessions"], r["chunk"], f"{r['requests_per_s']:,.0f}", f"{r['tokens_per_s']:,.0f}",
+                     f"{lat.get('p50', 0):.1f}", f"{lat.get('p99', 0):.1f}", f"{r['server_cpu_pct']:.1f}",
+                     f"{r.get('client_cpu_pct') or 0:.1f}", None if per is None else f"{per:.3f}"])
+    return table(["N", "chunk", "requests/s", "tokens/s", "p50 ms", "p99 ms", "server CPU %", "client CPU %",
+                  "CPU ms per request"], rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,24 +118,29 @@ class Sweep:
     def closed_cells(self, server: SpawnedServer, label: str) -> list[dict[str, Any]]:
         return [self.closed_cell(server, label, n, chunk) for chunk in self.cfg.chunks for n in self.cfg.sessions]
 
-    def offline_cell(self, checkpoint: Path, sessions: int, chunk: int, batch: int) -> dict[str, Any]:
+    def bench_subprocess(self, what: str, args: list[str]) -> list[dict[str, Any]]:
+        """`python -m bench WHAT ARGS` in a process of its own, on the server's CPUs with the server's
+        torch threads; the results it writes as JSON."""
         sc = self.server_config
         threads = sc.threads or (len(parse_cpus(self.server_cpus)) if self.server_cpus else 0)
-        with tempfile.TemporaryDirectory(prefix="lstm-bench-offline-") as tmp:
-            out = Path(tmp) / "offline.json"
-            cmd = [sys.executable, "-m", "bench", "offline", "--model", str(checkpoint), "--batch", str(batch),
-                   "--chunk", str(chunk), "--sessions", str(sessions), "--duration", str(self.cfg.offline_duration),
-                   "--threads", str(threads), "--device", sc.device, "--dtype", sc.dtype, "--json", str(out),
-                   "--quiet"]
+        with tempfile.TemporaryDirectory(prefix=f"lstm-bench-{what}-") as tmp:
+            out = Path(tmp) / f"{what}.json"
+            cmd = [sys.executable, "-m", "bench", what, *args, "--threads", str(threads), "--json", str(out)]
             if self.server_cpus:
                 cmd = ["taskset", "-c", self.server_cpus, *cmd]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
             if proc.returncode != 0:
-                raise BenchError(f"offline run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-            results = json.loads(out.read_text())
-        r: dict[str, Any] = results[0]
+                raise BenchError(f"{what} run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+            return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+    def offline_cell(self, checkpoint: Path, sessions: int, chunk: int, batch: int) -> dict[str, Any]:
+        sc = self.server_config
+        (r,) = self.bench_subprocess("offline", [
+            "--model", str(checkpoint), "--batch", str(batch), "--chunk", str(chunk), "--sessions", str(sessions),
+            "--duration", str(self.cfg.offline_duration), "--device", sc.device, "--dtype", sc.dtype, "--quiet",
+        ])
         r["sessions"] = sessions  # the N this offline cell stands for
-        return r
+        return r  # type: ignore[no-any-return]
 
     def offline_for(self, name: str, checkpoint: Path, info: dict[str, Any] | None, n: int, chunk: int
                     ) -> dict[str, Any]:
@@ -150,21 +155,11 @@ class Sweep:
         return r
 
     def engine_cell(self, name: str, checkpoint: Path, sessions: int, chunk: int) -> dict[str, Any]:
-        """The same closed loop through the engine in-process (no gRPC), in a process of its own on the
-        server's CPUs and threads."""
-        sc = self.server_config
-        threads = sc.threads or (len(parse_cpus(self.server_cpus)) if self.server_cpus else 0)
-        with tempfile.TemporaryDirectory(prefix="lstm-bench-engine-") as tmp:
-            out = Path(tmp) / "engine.json"
-            cmd = [sys.executable, "-m", "bench", "engine", "--model", str(checkpoint), "--sessions", str(sessions),
-                   "--chunk", str(chunk), "--duration", str(self.cfg.duration), "--warmup", str(self.cfg.warmup),
-                   "--threads", str(threads), "--json", str(out)]
-            if self.server_cpus:
-                cmd = ["taskset", "-c", self.server_cpus, *cmd]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-            if proc.returncode != 0:
-                raise BenchError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-            (r,) = json.loads(out.read_text())
+        """The same closed loop through the engine in-process (no gRPC), in a process of its own."""
+        (r,) = self.bench_subprocess("engine", [
+            "--model", str(checkpoint), "--sessions", str(sessions), "--chunk", str(chunk),
+            "--duration", str(self.cfg.duration), "--warmup", str(self.cfg.warmup),
+        ])
         log(f"{name}/engine N={sessions} chunk={chunk}: {r['tokens_per_s']:,.0f} tok/s, mean batch "
             f"{r['mean_batch'] or 0:.1f}, step {r['step_ms_mean'] or 0:.1f} ms, hold {r['hold_ms_mean'] or 0:.1f} ms")
         return r  # type: ignore[no-any-return]
