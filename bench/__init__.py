@@ -9,4 +9,6 @@ Only loopback targets are accepted: this is a tool for measuring a server on thi
 machine, not for loading someone else's.
 """
 
+import service  # noqa: F401  (first: it chooses gRPC's socket layer before grpc is imported)
+
 __version__ = "0.1.0"

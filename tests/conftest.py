@@ -21,6 +21,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+import service  # noqa: F401  (first: the tests run on the gRPC socket layer lstm-serve chooses)
 from model.checkpoint import save_checkpoint
 from model.model import CharRNN, ModelConfig
 from model.tokenizer import CharTokenizer

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
+from service import GRPC_EXPERIMENTS
 from service.config import parse_config
 
 SERVER = [sys.executable, "-m", "service.server"]
@@ -127,3 +128,17 @@ def test_every_option_has_an_environment_variable() -> None:
     assert parse_config(["--port", "7000"], environ=env).port == 7000
     with pytest.raises(SystemExit):
         parse_config(["--max-sessions", "0"], environ={})
+
+
+@pytest.mark.parametrize("preset", [None, "", "-event_engine_client"])
+def test_grpc_socket_layer_is_chosen_before_grpc_loads(preset: str | None) -> None:
+    """gRPC reads GRPC_EXPERIMENTS once, when first imported: importing the service package sets
+    it (service/__init__.py) without importing grpc, and a value the operator set wins."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if preset is not None:
+        env["GRPC_EXPERIMENTS"] = preset
+    code = ("import os, sys, service; loaded = 'grpc' in sys.modules; import service.server; "
+            "print(repr((loaded, os.environ['GRPC_EXPERIMENTS'])))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+    assert out == repr((False, GRPC_EXPERIMENTS if preset is None else preset))
