@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import signal
 import sys
 import time
@@ -571,9 +572,11 @@ async def serve(config: ServerConfig) -> int:
     await server.start()
     info = server.engine.checkpoint
     log.info(
-        "serving %s (%s %dx%d, sha256 %s…) on %s:%d, metrics on :%s, device %s %s, event loop %s",
+        "serving %s (%s %dx%d, sha256 %s…) on %s:%d, metrics on :%s, device %s %s, event loop %s, "
+        "GRPC_EXPERIMENTS=%s",
         info.path, info.config.cell_type, info.config.num_layers, info.config.hidden_size, info.sha256[:12],
         config.host, port, server.metrics_port, server.engine.device.type, config.dtype, eventloop.loop_name(),
+        os.environ.get("GRPC_EXPERIMENTS", ""),
     )
     if config.port_file:
         eventloop.write_port_file(config.port_file, port)

@@ -69,6 +69,7 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(tiny_checkpoint: Path, t
         out = proc.stdout.read() if proc.stdout else ""
         assert '"msg": "stopped"' in out or "stopped" in out
         assert "event loop uvloop" in out
+        assert f"GRPC_EXPERIMENTS={GRPC_EXPERIMENTS}" in out  # the socket layer of service/__init__.py
     finally:
         if proc.poll() is None:
             proc.kill()
