@@ -34,6 +34,7 @@ CELL_KERNEL_MAX_BATCH = 32
 # thread more often than not. Fixed thresholds (which also stop the adjusting) keep it.
 MALLOC_MMAP_THRESHOLD_BYTES = 32 << 20  # the largest glibc accepts
 MALLOC_TRIM_THRESHOLD_BYTES = 64 << 20
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from <malloc.h>
 
 
 def retain_step_memory() -> bool:
@@ -44,9 +45,8 @@ def retain_step_memory() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # another C library (musl has no libc.so.6)
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD_BYTES)
+    return bool(mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES)
     )
 
 

@@ -13,7 +13,7 @@ import torch
 from model.checkpoint import Checkpoint, load_checkpoint
 from model.model import CharRNN, ModelConfig
 from model.tokenizer import CharTokenizer
-from service.runner import CELL_KERNEL_MAX_BATCH, ModelRunner, RowInput
+from service.runner import CELL_KERNEL_MAX_BATCH, M_MMAP_THRESHOLD, ModelRunner, RowInput
 
 
 @pytest.mark.parametrize("which", ["tiny_checkpoint", "tiny_gru_checkpoint"])
@@ -66,7 +66,7 @@ def test_steps_keep_their_memory_instead_of_faulting_it_in_anew() -> None:
     """A step of 256 sessions on the reference shape (2 x 512) allocates and frees ~14 MB. glibc is first put
     back to its start-up mmap threshold (128 KiB), where a process can be left by its history and every such
     block is mapped and faulted in afresh (~3,300 page faults per step); the runner's thresholds keep them."""
-    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
     vocab = [chr(32 + i) for i in range(65)]
     model = CharRNN(ModelConfig(vocab_size=65, embedding_size=128, hidden_size=512, num_layers=2)).eval()
     runner = ModelRunner(Checkpoint(model, CharTokenizer(vocab), {}, Path(".")), torch.device("cpu"),

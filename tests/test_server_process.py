@@ -19,6 +19,7 @@ from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
 from service import GRPC_EXPERIMENTS
 from service.config import parse_config
+from tests.conftest import ROOT
 
 SERVER = [sys.executable, "-m", "service.server"]
 
@@ -141,5 +142,5 @@ def test_grpc_socket_layer_is_chosen_before_grpc_loads(preset: str | None) -> No
     code = ("import os, sys, service; loaded = 'grpc' in sys.modules; import service.server; "
             "print(repr((loaded, os.environ['GRPC_EXPERIMENTS'])))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+                         cwd=ROOT).stdout.strip()
     assert out == repr((False, GRPC_EXPERIMENTS if preset is None else preset))
