@@ -257,6 +257,7 @@ class Engine:
     ) -> None:
         self.checkpoint = checkpoint
         self.tokenizer: CharTokenizer = checkpoint.tokenizer
+        self._vocab_size = len(self.tokenizer)
         self.limits = limits or EngineLimits()
         self.metrics = metrics
         self.device = device
@@ -386,7 +387,7 @@ class Engine:
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         self._inbox.append(_ControlJob(fn, future))
-        self._wake.set()
+        self._notify()
         return await future
 
     async def _in_session_order(self, key: str, fn: Callable[[], Any]) -> Any:
@@ -395,7 +396,7 @@ class Engine:
         future: asyncio.Future[Any] = self._loop.create_future()
         item = WorkItem(key, WorkKind.CONTROL, payload=_ControlJob(fn, future))
         self._inbox.append(item)
-        self._wake.set()
+        self._notify()
         return await future
 
     async def create_session(self, owner: str, ttl_seconds: int | None = None, session_id: str = "") -> SessionInfo:
@@ -628,14 +629,15 @@ class Engine:
     # ---- steps and generation (called on the event loop) ---------------------------------
 
     def validate_tokens(self, tokens: list[int], field_name: str) -> None:
-        vocab = len(self.tokenizer)
+        vocab = self._vocab_size
         if len(tokens) > self.limits.max_tokens_per_request:
             raise InvalidArgumentError(
                 f"{field_name} has {len(tokens)} tokens; at most {self.limits.max_tokens_per_request} per request"
             )
-        for i, t in enumerate(tokens):
-            if not 0 <= t < vocab:
-                raise InvalidArgumentError(f"{field_name}[{i}] = {t} is out of range; token ids are 0..{vocab - 1}")
+        if tokens and (min(tokens) < 0 or max(tokens) >= vocab):  # min/max in C; the loop only to name the bad one
+            for i, t in enumerate(tokens):
+                if not 0 <= t < vocab:
+                    raise InvalidArgumentError(f"{field_name}[{i}] = {t} is out of range; token ids are 0..{vocab - 1}")
 
     def _admit(self, n_tokens: int) -> None:
         """Count n_tokens against max_queued_tokens; the caller then puts its item in the inbox."""
@@ -663,19 +665,26 @@ class Engine:
         if not tokens:
             raise InvalidArgumentError("input is empty: set tokens or text to at least one token")
         self.validate_tokens(tokens, "tokens")
-        if options.top_k < 0 or options.top_k > len(self.tokenizer):
-            raise InvalidArgumentError(f"top_k must be between 0 and {len(self.tokenizer)}, got {options.top_k}")
-        self._lookup(owner, session_id)
+        if options.top_k < 0 or options.top_k > self._vocab_size:
+            raise InvalidArgumentError(f"top_k must be between 0 and {self._vocab_size}, got {options.top_k}")
+        record = self._lookup(owner, session_id)
         self._admit(len(tokens))
         future: asyncio.Future[StepResult] = self._loop.create_future()
         job = _StepJob(future, expected_position, options)
-        item = WorkItem(
-            session_key(owner, session_id), WorkKind.STEP, tokens=list(tokens), payload=job,
-            enqueued_at=time.monotonic(),
-        )
+        item = WorkItem(record.key, WorkKind.STEP, list(tokens), payload=job, enqueued_at=time.monotonic())
         self._inbox.append(item)
-        self._wake.set()
+        self._notify()
         return future, item
+
+    def _notify(self) -> None:
+        """Wake the engine thread for work just put in the inbox.
+
+        Event.set takes the event's lock even when it is already set, once per request on the
+        RPC thread; a set event is left alone. Safe because the engine clears the event before it
+        drains the inbox: work appended before this check is drained after that clear.
+        """
+        if not self._wake.is_set():
+            self._wake.set()
 
     async def step(
         self,
@@ -731,7 +740,7 @@ class Engine:
             enqueued_at=time.monotonic(),
         )
         self._inbox.append(item)
-        self._wake.set()
+        self._notify()
         try:
             while True:
                 event = await queue.get()
@@ -777,15 +786,16 @@ class Engine:
         """Move submitted work to the scheduler; the session keys of the work items moved."""
         deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         added: list[str] = []
-        while self._inbox:
-            entry = self._inbox.popleft()
-            if isinstance(entry, WorkItem):
-                with self._admission:  # from the inbox's count to the scheduler's, atomically
-                    self._inbox_tokens -= entry.pending_tokens
-                    self.scheduler.add(entry)
-                added.append(entry.session_key)
-            else:
-                self._run_control(entry, deliveries)
+        inbox, scheduler = self._inbox, self.scheduler
+        while inbox:
+            with self._admission:  # from the inbox's count to the scheduler's, atomically
+                while inbox and isinstance(inbox[0], WorkItem):  # (only this thread pops)
+                    item = inbox.popleft()
+                    self._inbox_tokens -= item.pending_tokens
+                    scheduler.add(item)
+                    added.append(item.session_key)
+            if inbox:  # a control job, run outside the lock
+                self._run_control(inbox.popleft(), deliveries)
         self._deliver(deliveries)
         return added
 
@@ -926,9 +936,14 @@ class Engine:
             deliveries.append((job.queue.put_nowait, (error,)))
 
     def _admit_row(
-        self, row: ScheduledRow, now: float, deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]]
+        self,
+        row: ScheduledRow,
+        now: float,
+        deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]],
+        waits: list[float],
     ) -> _Session | None:
-        """The session of a scheduled row, after first-run checks; None if the row must not run."""
+        """The session of a scheduled row, after first-run checks; None if the row must not run.
+        A request's first run appends its time in the queue to `waits`."""
         item = row.item
         job = item.payload
         try:
@@ -939,8 +954,7 @@ class Engine:
             self._pinned.add(record.slot)
             if not job.checked:  # first time this request runs
                 job.checked = True
-                if self.metrics is not None:
-                    self.metrics.queue_wait_seconds.observe(now - item.enqueued_at)
+                waits.append(now - item.enqueued_at)
                 expected = job.expected_position
                 if isinstance(job, _StepJob):
                     last = record.last_step
@@ -970,10 +984,11 @@ class Engine:
 
         rows: list[RowInput] = []
         running: list[tuple[ScheduledRow, _Session]] = []
+        waits: list[float] = []
         for row in plan.rows:
             if row.item.closed:
                 continue
-            record = self._admit_row(row, started, deliveries)
+            record = self._admit_row(row, started, deliveries, waits)
             if record is None:
                 continue
             item, job = row.item, row.item.payload
@@ -990,18 +1005,16 @@ class Engine:
                 )
             else:
                 chunk = item.tokens[item.done : item.done + row.num_tokens]
-                opts = job.options if isinstance(job, _StepJob) else None
-                rows.append(
-                    RowInput(
-                        slot=record.slot,
-                        tokens=chunk,
-                        position=record.position,
-                        top_k=opts.top_k if opts else 0,
-                        want_logprobs=opts.want_logprobs if opts else False,
-                        want_hidden=opts.want_hidden if opts else False,
+                if isinstance(job, _StepJob):
+                    opts = job.options
+                    rows.append(
+                        RowInput(record.slot, chunk, record.position, opts.top_k, opts.want_logprobs, opts.want_hidden)
                     )
-                )
+                else:  # a Generate's prompt: no outputs
+                    rows.append(RowInput(record.slot, chunk, record.position))
             running.append((row, record))
+        if waits and self.metrics is not None:
+            self.metrics.queue_wait_seconds.observe_many(waits)
 
         self._pinned.clear()
         outputs = self.runner.execute(rows) if rows else []

@@ -14,7 +14,8 @@ a session id (or any other unbounded value) as a label.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -56,6 +57,25 @@ LATENCY_BUCKETS = (
 )
 # Batch sizes: powers of two, 1 .. 4096.
 BATCH_BUCKETS = tuple(float(2**i) for i in range(13))
+
+
+class StepHistogram(Histogram):
+    """A Histogram that also takes many observations at once, for values the engine observes
+    per row of a step: `observe` locks the sum and a bucket per value (~2.5 us, ~0.6 ms per
+    step of 256 sessions on the engine thread); `observe_many` locks each once per call."""
+
+    def observe_many(self, amounts: Sequence[float]) -> None:
+        if not amounts:
+            return
+        self._raise_if_not_observable()
+        bounds = self._upper_bounds
+        counts = [0] * len(bounds)
+        for amount in amounts:
+            counts[bisect_left(bounds, amount)] += 1  # the first bound >= amount, as observe() picks
+        self._sum.inc(sum(amounts))
+        for bucket, n in zip(self._buckets, counts):
+            if n:
+                bucket.inc(n)
 
 
 class Metrics:
@@ -100,7 +120,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_wait_seconds = Histogram(
+        self.queue_wait_seconds = StepHistogram(
             "lstm_queue_wait_seconds",
             "Time a unit of work waited in the engine queue before its step started.",
             buckets=LATENCY_BUCKETS,

@@ -105,7 +105,7 @@ class Scheduler:
     def _pop_head(self, key: str) -> None:
         queue = self._queues[key]
         item = queue.popleft()
-        self.queued_tokens -= item.pending_tokens
+        self.queued_tokens -= len(item.tokens) - item.done + item.generate_tokens  # its pending_tokens
         self.queued_items -= 1
         if not queue:
             del self._queues[key]
@@ -127,12 +127,13 @@ class Scheduler:
                 continue
             if len(rows) >= self.max_batch_sessions or tokens_left <= 0:
                 continue
-            if item.remaining_input > 0:
-                n = min(item.remaining_input, self.max_chunk_tokens, tokens_left)
-                rows.append(ScheduledRow(item, n, sample=False))
+            remaining = len(item.tokens) - item.done
+            if remaining > 0:
+                n = min(remaining, self.max_chunk_tokens, tokens_left)
+                rows.append(ScheduledRow(item, n, False))
                 tokens_left -= n
             else:
-                rows.append(ScheduledRow(item, 0, sample=True))
+                rows.append(ScheduledRow(item, 0, True))
                 tokens_left -= 1
             item.started = True
         return StepPlan(rows, controls)
@@ -140,20 +141,23 @@ class Scheduler:
     def complete(self, plan: StepPlan) -> list[WorkItem]:
         """Account for a step that ran; return the items that are now finished (and dequeued)."""
         finished: list[WorkItem] = []
-        for row in plan.rows:
+        order = self._order
+        for row in plan.rows:  # (the properties of WorkItem inlined: this runs for every row of every step)
             item = row.item
-            consumed = row.num_tokens + (1 if row.sample else 0)
             if not item.closed:
                 item.done += row.num_tokens
                 if row.sample:
                     item.generate_tokens -= 1
-                self.queued_tokens -= consumed
+                    self.queued_tokens -= row.num_tokens + 1
+                else:
+                    self.queued_tokens -= row.num_tokens
             key = item.session_key
-            if item.finished:
+            # item.finished (a row is never CONTROL)
+            if item.closed or len(item.tokens) - item.done + item.generate_tokens == 0:
                 finished.append(item)
                 self._pop_head(key)
-            if key in self._order:
-                self._order.move_to_end(key)
+            if key in order:
+                order.move_to_end(key)
         for item in plan.controls:
             finished.append(item)
             self._pop_head(item.session_key)

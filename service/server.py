@@ -58,6 +58,7 @@ from service.state_store import SqliteStateStore, StateStoreLockedError
 __version__ = "0.1.0"
 log = logging.getLogger("lstm_serve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmService"].full_name
+DEFAULT_STEP_OPTIONS = StepOptions(top_k=5)  # a StepRequest that sets none of its output fields
 ANONYMOUS = ""  # the principal of every caller while authentication is off
 
 STATUS_OF: list[tuple[type[EngineError], grpc.StatusCode]] = [
@@ -100,6 +101,12 @@ def _step_response(result: StepResult) -> pb.StepResponse:
     # fill repeated sub-messages from Python (~30% less than constructing TokenOutputs).
     response = pb.StepResponse(session_id=result.session_id, position=result.position)
     add = response.outputs.add
+    if result.logprobs is None and result.hidden is None and result.top_tokens is not None:
+        # What nearly every request asks for (top-k only): no None arguments to pass per token (-10 %).
+        assert result.top_logprobs is not None
+        for token, tt, tl in zip(result.tokens, result.top_tokens.tolist(), result.top_logprobs.tolist()):
+            add(token=token, top_tokens=tt, top_logprobs=tl)
+        return response
     n = len(result.tokens)
     none = [None] * n
     top_t = result.top_tokens.tolist() if result.top_tokens is not None else none
@@ -234,8 +241,10 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             raise InvalidArgumentError("input is empty: set tokens or text to at least one token")
         expected = request.expected_position if request.HasField("expected_position") else None
         top_k = request.top_k if request.HasField("top_k") else 5
-        options = StepOptions(top_k=top_k, want_logprobs=request.return_logprobs, want_hidden=request.return_hidden)
-        return tokens, expected, options
+        want_logprobs, want_hidden = request.return_logprobs, request.return_hidden
+        if top_k == 5 and not want_logprobs and not want_hidden:
+            return tokens, expected, DEFAULT_STEP_OPTIONS  # (frozen: one instance serves every such request)
+        return tokens, expected, StepOptions(top_k, want_logprobs, want_hidden)
 
     # ---- RPCs ----------------------------------------------------------------------------
 

@@ -106,6 +106,24 @@ def test_values_recorded_show_up() -> None:
     assert sample(fams, "lstm_sessions_active", "lstm_sessions_active") == 4
 
 
+def test_observe_many_matches_observe_one_by_one() -> None:
+    # The engine observes a step's queue waits at once; the exposition must be what one
+    # observe() per value gives, bucket bounds included (le is inclusive) and past the last bound.
+    values = [0.0, 0.0001, 0.00010001, 0.0025, 0.003, 0.05, 9.99, 10.0, 12.5, 0.0004]
+    one_by_one, at_once = Metrics(process_metrics=False), Metrics(process_metrics=False)
+    for v in values:
+        one_by_one.queue_wait_seconds.observe(v)
+    at_once.queue_wait_seconds.observe_many(values[:4])
+    at_once.queue_wait_seconds.observe_many([])
+    at_once.queue_wait_seconds.observe_many(values[4:])
+    want = {(s.name, s.labels.get("le")): s.value for s in families(one_by_one)["lstm_queue_wait_seconds"].samples}
+    got = {(s.name, s.labels.get("le")): s.value for s in families(at_once)["lstm_queue_wait_seconds"].samples}
+    assert got == pytest.approx(want)
+    assert got[("lstm_queue_wait_seconds_count", None)] == len(values)
+    assert got[("lstm_queue_wait_seconds_bucket", "0.0001")] == 2  # 0.0 and the bound itself
+    assert got[("lstm_queue_wait_seconds_bucket", "10.0")] == len(values) - 1  # 12.5 only in +Inf
+
+
 def test_known_label_sets_are_preinitialised_to_zero() -> None:
     fams = families(Metrics())
     assert sample(fams, "lstm_tokens", "lstm_tokens_total", kind="input") == 0
