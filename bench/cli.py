@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-sessions", type=_ints, default=None)
     p.add_argument("--generate-tokens", type=int, default=None)
     p.add_argument("--memory-sessions", type=int, default=None, help="idle sessions for the memory check (0 = skip)")
+    p.add_argument("--target-repeats", type=int, default=None,
+                   help="extra (served, offline) pairs at the throughput-target cells; their checks take the "
+                        "median ratio (default 2, --quick 0)")
     p.add_argument("--no-unbatched", action="store_true", help="skip the --max-batch-sessions 1 server")
     p.add_argument("--server-args", default="", help="extra lstm-serve flags for every spawned server ('--threads 1')")
     p.add_argument("--server-cpus", default=None, help="taskset -c CPUS for the server and offline runs (e.g. 0)")
@@ -241,6 +244,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                       ("warmup", "warmup"), ("requests", "max_requests"), ("offline_duration", "offline_duration"),
                       ("open_fractions", "open_fractions"), ("generate_sessions", "generate_sessions"),
                       ("generate_tokens", "generate_tokens"), ("memory_sessions", "memory_sessions"),
+                      ("target_repeats", "target_repeats"),
                       ("out", "out"), ("img_dir", "img_dir"), ("json", "json_out"), ("cache_dir", "cache")):
         value = getattr(args, name)
         if value is not None:

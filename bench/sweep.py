@@ -49,6 +49,10 @@ class SweepConfig:
     # (sessions, chunk) cells run against the echo server of bench/pingpong.py (the RPC floor) and, per
     # model, through the engine in-process (bench/inprocess.py) ([] = skip both)
     rpc_floor: list[list[int]] = field(default_factory=lambda: [[256, 1], [64, 16]])
+    # Extra (served, offline) pairs at the throughput-target cells (report.RATIO_TARGETS), run one
+    # after the other once the first pass is done: this VM's speed drifts by tens of percent over
+    # minutes, so the targets read the median ratio of all the pairs, not one.
+    target_repeats: int = 2
     server_cpus: str | None = None  # taskset -c for the server and the offline runs
     client_cpus: str | None = None  # CPU affinity of this process (the load generator)
     server_args: list[str] = field(default_factory=list)  # extra lstm-serve flags
@@ -63,7 +67,7 @@ class SweepConfig:
         base: dict[str, Any] = {
             "sessions": [1, 8, 64, 256], "chunks": [1, 16], "duration": 3.0, "warmup": 1.0,
             "offline_duration": 2.0, "open_fractions": [0.5], "generate_sessions": [8], "generate_tokens": 16,
-            "memory_sessions": 10_000, "quick": True,
+            "memory_sessions": 10_000, "target_repeats": 0, "quick": True,
         }
         base.update(overrides)
         return cls(**base)
@@ -167,7 +171,7 @@ class Sweep:
     def run_model(self, name: str) -> dict[str, Any]:
         cfg = self.cfg
         entry: dict[str, Any] = {"name": name, "served": [], "unbatched": [], "offline": [], "engine": [],
-                                 "open": [], "generate": [], "plots": {}}
+                                 "repeats": [], "open": [], "generate": [], "plots": {}}
         try:
             checkpoint = resolve_model(name, Path(cfg.cache))
         except BenchError as e:
@@ -191,6 +195,12 @@ class Sweep:
                     entry["offline"].append(self.offline_for(name, checkpoint, served.get("server"), n, chunk))
                     if [n, chunk] in cfg.rpc_floor:  # and, at the target cells, the engine without gRPC
                         entry["engine"].append(self.engine_cell(name, checkpoint, n, chunk))
+            targets = [(n, c) for n, c, _ in report.RATIO_TARGETS if n in cfg.sessions and c in cfg.chunks]
+            for repeat in range(cfg.target_repeats):
+                for n, chunk in targets:
+                    served = self.closed_cell(server, f"{name}/served (pair {repeat + 2})", n, chunk)
+                    offline = self.offline_for(name, checkpoint, served.get("server"), n, chunk)
+                    entry["repeats"].append(repeat_pair(served, offline))
             entry["server_info"] = entry["served"][0]["server"] if entry["served"] else None
             base = next((c for c in entry["served"] if c["sessions"] == cfg.open_sessions and c["chunk"] == 1), None)
             if base is None and entry["served"]:
@@ -266,6 +276,18 @@ class Sweep:
         return {"machine": machine, "config": config, "models": models, "rpc_floor": floor, "memory": memory,
                 "notes": self.notes,
                 "elapsed_s": time.monotonic() - started}
+
+
+def repeat_pair(served: dict[str, Any], offline: dict[str, Any]) -> dict[str, Any]:
+    """What the report keeps of a repeated (served, offline) pair."""
+    return {
+        "sessions": served["sessions"],
+        "chunk": served["chunk"],
+        "served_tokens_per_s": served["tokens_per_s"],
+        "offline_tokens_per_s": offline["tokens_per_s"],
+        "p99_ms": (served.get("latency_ms") or {}).get("p99"),
+        "errors": served.get("error_count", 0),
+    }
 
 
 def memory_check(checkpoint: Path, sessions: int, server_args: list[str] | None = None, cpus: str | None = None,

@@ -178,6 +178,25 @@ def test_sweep_document_and_plots(tmp_path: Path) -> None:
     assert by_name["served/unbatched at 256 sessions, chunk 1"]["value"] == pytest.approx(5.0)
     assert "**FAIL** served/unbatched at 256 sessions, chunk 1: 5.00× (target ≥ 8×)" in md
     assert "**PASS** memory overhead of 1,000 idle sessions over raw state bytes: 9.9 % (limit 25.0 %)" in md
+    assert "pair by pair" not in md  # no repeats, no table
+
+    # Repeated pairs at a target cell: the check takes the median of all the pairs' ratios.
+    model["repeats"] = [
+        {"sessions": 64, "chunk": 16, "served_tokens_per_s": 80.0, "offline_tokens_per_s": 100.0, "p99_ms": 90.0,
+         "errors": 0},
+        {"sessions": 64, "chunk": 16, "served_tokens_per_s": 70.0, "offline_tokens_per_s": 100.0, "p99_ms": 95.0,
+         "errors": 0},
+    ]
+    by_name = {c["name"]: c for c in model_checks(model)}
+    c64 = by_name["served/offline at 64 sessions, chunk 16"]  # pairs 0.50x (first pass), 0.80x, 0.70x
+    assert c64["value"] == pytest.approx(0.70) and c64["pass"] is False
+    assert by_name["served/offline at 256 sessions, chunk 1"]["detail"] == ""  # no repeats there
+    sweep["models"] = [model]
+    sweep["config"]["target_repeats"] = 1
+    md = render_sweep(sweep)
+    assert "median of 3 pairs: 0.50×, 0.80×, 0.70×" in md
+    assert "| 64 | 16 | 2 | 80.0 | 100.0 | 0.80× | 90.0 |" in md
+    assert "run 1 more such pairs after the first pass" in md
 
 
 def test_spawned_server_gets_a_private_state_store(tmp_path: Path) -> None:
@@ -192,15 +211,17 @@ def test_spawned_server_gets_a_private_state_store(tmp_path: Path) -> None:
 
 
 def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_served_cell(
-    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from bench import report
     from bench.sweep import SweepConfig, run_sweep
 
+    monkeypatch.setattr(report, "RATIO_TARGETS", ((4, 2, 0.3),))  # a target cell this small sweep has
     cfg = SweepConfig(
         models=[str(tiny_checkpoint)], sessions=[1, 4], chunks=[2], duration=0.6, warmup=0.2, offline_duration=0.5,
         open_fractions=[], generate_sessions=[], memory_sessions=0, unbatched=False, rpc_floor=[[4, 2]],
-        out=str(tmp_path / "bench.md"), img_dir=str(tmp_path / "img"), json_out=str(tmp_path / "bench.json"),
-        cache=str(tmp_path / "cache"),
+        target_repeats=1, out=str(tmp_path / "bench.md"), img_dir=str(tmp_path / "img"),
+        json_out=str(tmp_path / "bench.json"), cache=str(tmp_path / "cache"),
     )
     sweep = run_sweep(cfg)
     (model,) = sweep["models"]
@@ -209,15 +230,19 @@ def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_serve
     assert all(c["tokens_per_s"] > 0 for c in model["served"] + model["offline"])
     # Interleaved: served N=1, offline N=1, served N=4, offline N=4, and at the RPC-floor cell the engine.
     order = [line.split("] ", 1)[1].split(":")[0] for line in capsys.readouterr().err.splitlines()
-             if "/served N=" in line or "/offline N=" in line or "/engine N=" in line]
+             if "/served" in line or "/offline N=" in line or "/engine N=" in line]
     assert [o.rsplit("/", 1)[1] for o in order] == [
         "served N=1 chunk=2", "offline N=1 chunk=2 batch=1", "served N=4 chunk=2", "offline N=4 chunk=2 batch=4",
-        "engine N=4 chunk=2",
+        "engine N=4 chunk=2", "served (pair 2) N=4 chunk=2", "offline N=4 chunk=2 batch=4",
     ]
+    (pair,) = model["repeats"]  # the target cell once more, after the first pass
+    assert (pair["sessions"], pair["chunk"], pair["errors"]) == (4, 2, 0)
+    assert pair["served_tokens_per_s"] > 0 and pair["offline_tokens_per_s"] > 0
     (engine,) = model["engine"]
     assert (engine["sessions"], engine["chunk"], engine["mismatches"]) == (4, 2, 0) and engine["tokens_per_s"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "runs right after the served cell" in md
+    assert "### The target cells, pair by pair" in md and "median of 2 pairs" in md
     # The RPC floor ran against the echo server, and the ceiling row divides it with the model's own cells.
     (floor,) = sweep["rpc_floor"]
     assert (floor["sessions"], floor["chunk"], floor["error_count"]) == (4, 2, 0) and floor["tokens_per_s"] > 0
