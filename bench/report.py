@@ -221,7 +221,9 @@ def render_check(c: dict[str, Any]) -> str:
     if c["unit"] in ("ms", "%"):
         return f"- **{mark}** {c['name']}: {fmt(c['value'], 1)} {c['unit']} (limit {fmt(c['limit'], 1)} {c['unit']})"
     detail = f"; {c['detail']}" if c.get("detail") else ""
-    return f"- **{mark}** {c['name']}: {c['value']:.2f}× (target ≥ {c['limit']:g}×{detail})"
+    # Two decimals, or three where two would round a miss up to the target (0.297 is not 0.30).
+    digits = 2 if (round(c["value"], 2) >= c["limit"]) == c["pass"] else 3
+    return f"- **{mark}** {c['name']}: {c['value']:.{digits}f}× (target ≥ {c['limit']:g}×{detail})"
 
 
 def _model_title(m: dict[str, Any]) -> str:

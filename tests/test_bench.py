@@ -16,7 +16,14 @@ import pytest
 from bench.cli import main as bench_main
 from bench.loadgen import BenchError, LoadSpec, check_loopback, result_fields, run_load
 from bench.offline import OfflineSpec, offline_fields, run_offline
-from bench.report import model_checks, plot_latency_cdf, plot_throughput, render_results, render_sweep
+from bench.report import (
+    model_checks,
+    plot_latency_cdf,
+    plot_throughput,
+    render_check,
+    render_results,
+    render_sweep,
+)
 from tests.conftest import ROOT, RunningServer, run_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -179,6 +186,11 @@ def test_sweep_document_and_plots(tmp_path: Path) -> None:
     assert "**FAIL** served/unbatched at 256 sessions, chunk 1: 5.00× (target ≥ 8×)" in md
     assert "**PASS** memory overhead of 1,000 idle sessions over raw state bytes: 9.9 % (limit 25.0 %)" in md
     assert "pair by pair" not in md  # no repeats, no table
+    # A miss that two decimals would round up to the target shows a third.
+    near = render_check({"name": "r", "value": 0.2967, "limit": 0.3, "unit": "x", "pass": False})
+    assert near == "- **FAIL** r: 0.297× (target ≥ 0.3×)"
+    assert render_check({"name": "r", "value": 0.3012, "limit": 0.3, "unit": "x", "pass": True}).endswith(
+        ": 0.30× (target ≥ 0.3×)")
 
     # Repeated pairs at a target cell: the check takes the median of all the pairs' ratios.
     model["repeats"] = [
