@@ -57,7 +57,7 @@ LATENCY_BUCKETS = (
 )
 # Engine steps and holds: mostly 2-100 ms, where a 1-2.5-5 ladder cannot tell a 9 ms step from a
 # 16 ms one (interpolated quantiles land anywhere between two bounds); here neighbouring bounds
-# are at most ~25 % apart from 2 ms to 100 ms.
+# are at most a third apart from 3 ms to 100 ms.
 STEP_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008,
     0.010, 0.012, 0.015, 0.020, 0.025, 0.030, 0.040, 0.050, 0.060, 0.080,
