@@ -169,13 +169,20 @@ def _check(name: str, value: float, limit: float, unit: str, detail: str = "") -
     return {"name": name, "value": value, "limit": limit, "unit": unit, "pass": ok, "detail": detail}
 
 
+def target_pairs(m: dict[str, Any], sessions: int, chunk: int) -> list[tuple[float, float, float | None]]:
+    """(served tokens/s, offline tokens/s, served p99 ms) of a cell: its first pass, then each
+    repeated pair (sweep.target_repeats)."""
+    first_s, first_o = _find(m.get("served", []), sessions, chunk), _find(m.get("offline", []), sessions, chunk)
+    pairs = [(first_s["tokens_per_s"], first_o["tokens_per_s"], (first_s.get("latency_ms") or {}).get("p99"))
+             ] if first_s and first_o else []
+    return pairs + [(p["served_tokens_per_s"], p["offline_tokens_per_s"], p["p99_ms"]) for p in m.get("repeats", [])
+                    if p["sessions"] == sessions and p["chunk"] == chunk]
+
+
 def target_ratios(m: dict[str, Any], sessions: int, chunk: int) -> list[float]:
-    """served/offline of a cell: its first pass, then each repeated pair (sweep.target_repeats)."""
-    first = _ratio((_find(m.get("served", []), sessions, chunk) or {}).get("tokens_per_s"),
-                   (_find(m.get("offline", []), sessions, chunk) or {}).get("tokens_per_s"))
-    repeats = [_ratio(p["served_tokens_per_s"], p["offline_tokens_per_s"]) for p in m.get("repeats", [])
-               if p["sessions"] == sessions and p["chunk"] == chunk]
-    return [r for r in [first, *repeats] if r is not None]
+    """served/offline of each of a cell's pairs (target_pairs)."""
+    ratios = [_ratio(served, offline) for served, offline, _ in target_pairs(m, sessions, chunk)]
+    return [r for r in ratios if r is not None]
 
 
 def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
@@ -282,16 +289,10 @@ def render_model_section(m: dict[str, Any], img_prefix: str) -> str:
     if off:
         out += ["### Offline limit (no server)", "", render_offline_table(off), ""]
 
-    repeats = m.get("repeats", [])
-    if repeats:
+    if m.get("repeats"):
         rows = []
         for n, chunk, _ in RATIO_TARGETS:
-            first_s, first_o = _find(served, n, chunk), _find(off, n, chunk)
-            pairs = [(first_s["tokens_per_s"], first_o["tokens_per_s"], (first_s.get("latency_ms") or {}).get("p99"))
-                     ] if first_s and first_o else []
-            pairs += [(p["served_tokens_per_s"], p["offline_tokens_per_s"], p["p99_ms"]) for p in repeats
-                      if p["sessions"] == n and p["chunk"] == chunk]
-            for i, (s_tps, o_tps, p99) in enumerate(pairs, 1):
+            for i, (s_tps, o_tps, p99) in enumerate(target_pairs(m, n, chunk), 1):
                 rows.append([n, chunk, i, s_tps, o_tps, ratio_text(_ratio(s_tps, o_tps)), p99])
         out += ["### The target cells, pair by pair", "",
                 "Pair 1 is the cell of the tables above; the others ran again after the whole first pass, each "

@@ -40,7 +40,8 @@ class WorkItem:
     @property
     def pending_tokens(self) -> int:
         """Tokens this item will still put through the model."""
-        return self.remaining_input + self.generate_tokens
+        # (from the fields, not through remaining_input: the scheduler asks for every row of every step)
+        return len(self.tokens) - self.done + self.generate_tokens
 
     @property
     def finished(self) -> bool:
@@ -105,7 +106,7 @@ class Scheduler:
     def _pop_head(self, key: str) -> None:
         queue = self._queues[key]
         item = queue.popleft()
-        self.queued_tokens -= len(item.tokens) - item.done + item.generate_tokens  # its pending_tokens
+        self.queued_tokens -= item.pending_tokens
         self.queued_items -= 1
         if not queue:
             del self._queues[key]
@@ -127,7 +128,7 @@ class Scheduler:
                 continue
             if len(rows) >= self.max_batch_sessions or tokens_left <= 0:
                 continue
-            remaining = len(item.tokens) - item.done
+            remaining = item.remaining_input
             if remaining > 0:
                 n = min(remaining, self.max_chunk_tokens, tokens_left)
                 rows.append(ScheduledRow(item, n, False))
@@ -141,23 +142,20 @@ class Scheduler:
     def complete(self, plan: StepPlan) -> list[WorkItem]:
         """Account for a step that ran; return the items that are now finished (and dequeued)."""
         finished: list[WorkItem] = []
-        order = self._order
-        for row in plan.rows:  # (the properties of WorkItem inlined: this runs for every row of every step)
+        for row in plan.rows:
             item = row.item
+            consumed = row.num_tokens + (1 if row.sample else 0)
             if not item.closed:
                 item.done += row.num_tokens
                 if row.sample:
                     item.generate_tokens -= 1
-                    self.queued_tokens -= row.num_tokens + 1
-                else:
-                    self.queued_tokens -= row.num_tokens
+                self.queued_tokens -= consumed
             key = item.session_key
-            # item.finished (a row is never CONTROL)
-            if item.closed or len(item.tokens) - item.done + item.generate_tokens == 0:
+            if item.finished:
                 finished.append(item)
                 self._pop_head(key)
-            if key in order:
-                order.move_to_end(key)
+            if key in self._order:
+                self._order.move_to_end(key)
         for item in plan.controls:
             finished.append(item)
             self._pop_head(item.session_key)

@@ -58,7 +58,7 @@ from service.state_store import SqliteStateStore, StateStoreLockedError
 __version__ = "0.1.0"
 log = logging.getLogger("lstm_serve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmService"].full_name
-DEFAULT_STEP_OPTIONS = StepOptions(top_k=5)  # a StepRequest that sets none of its output fields
+DEFAULT_STEP_OPTIONS = StepOptions()  # a StepRequest that sets none of its output fields
 ANONYMOUS = ""  # the principal of every caller while authentication is off
 
 STATUS_OF: list[tuple[type[EngineError], grpc.StatusCode]] = [
@@ -240,9 +240,9 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         if not tokens:
             raise InvalidArgumentError("input is empty: set tokens or text to at least one token")
         expected = request.expected_position if request.HasField("expected_position") else None
-        top_k = request.top_k if request.HasField("top_k") else 5
+        top_k = request.top_k if request.HasField("top_k") else DEFAULT_STEP_OPTIONS.top_k
         want_logprobs, want_hidden = request.return_logprobs, request.return_hidden
-        if top_k == 5 and not want_logprobs and not want_hidden:
+        if top_k == DEFAULT_STEP_OPTIONS.top_k and not want_logprobs and not want_hidden:
             return tokens, expected, DEFAULT_STEP_OPTIONS  # (frozen: one instance serves every such request)
         return tokens, expected, StepOptions(top_k, want_logprobs, want_hidden)
 
