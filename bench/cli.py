@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="measured seconds per cell (default 10)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per cell (default 2)")
     p.add_argument("--requests", type=int, default=None, help="measured requests per cell at most")
-    p.add_argument("--offline-duration", type=float, default=None)
+    p.add_argument("--offline-duration", type=float, default=None,
+                   help="measured seconds per offline cell (default 10)")
     p.add_argument("--open-fractions", type=_floats, default=None,
                    help="open-loop rates as fractions of the closed-loop req/s at 256 sessions (default 0.5,0.8)")
     p.add_argument("--generate-sessions", type=_ints, default=None)
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-sessions", type=int, default=None, help="idle sessions for the memory check (0 = skip)")
     p.add_argument("--target-repeats", type=int, default=None,
                    help="extra (served, offline) pairs at the throughput-target cells; their checks take the "
-                        "median ratio (default 2, --quick 0)")
+                        "median ratio (default 4, --quick 0)")
     p.add_argument("--no-unbatched", action="store_true", help="skip the --max-batch-sessions 1 server")
     p.add_argument("--server-args", default="", help="extra lstm-serve flags for every spawned server ('--threads 1')")
     p.add_argument("--server-cpus", default=None, help="taskset -c CPUS for the server and offline runs (e.g. 0)")

@@ -447,9 +447,10 @@ def render_sweep(sweep: dict[str, Any], img_prefix: str = "img/") -> str:
         "from the scheduled send time, so queueing anywhere is counted.",
         "- Offline: `service.runner.ModelRunner.execute` in a process of its own (same CPUs and threads as the "
         "server): gather state rows, one model call, scatter, log-softmax, top-k 5, copy to host; batch = "
-        "min(N, max batch sessions, max batch tokens / chunk). Each offline cell runs right after the served "
-        "cell of the same N and chunk (the server idles meanwhile), so a ratio divides two measurements taken "
-        "together."
+        "min(N, max batch sessions, max batch tokens / chunk)"
+        + (f", {fmt(cfg['offline_duration'], 1)} s measured" if cfg.get("offline_duration") else "")
+        + ". Each offline cell runs right after the served cell of the same N and chunk (the server idles "
+        "meanwhile), so a ratio divides two measurements taken together."
         + (f" The throughput-target cells run {cfg['target_repeats']} more such pairs after the first pass, and "
            "their checks take the median ratio of all the pairs." if cfg.get("target_repeats") else ""),
         "- Server: `lstm-serve` spawned per model at its defaults (durability snapshot every 5 s into a state "
