@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=None, help="warm-up seconds per cell (default 2)")
     p.add_argument("--requests", type=int, default=None, help="measured requests per cell at most")
     p.add_argument("--offline-duration", type=float, default=None,
-                   help="measured seconds per offline cell (default 10)")
+                   help="measured seconds per offline cell (default: as long as a served cell)")
     p.add_argument("--open-fractions", type=_floats, default=None,
                    help="open-loop rates as fractions of the closed-loop req/s at 256 sessions (default 0.5,0.8)")
     p.add_argument("--generate-sessions", type=_ints, default=None)

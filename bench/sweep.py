@@ -38,9 +38,9 @@ class SweepConfig:
     duration: float = 10.0  # measured seconds per cell
     warmup: float = 2.0  # warm-up seconds per cell
     max_requests: int = 0  # measured requests per cell at most (0 = duration only)
-    # Measured seconds per offline cell, as long as a served cell: across the served/offline pairs of
-    # the sweeps the served readings of a target cell varied 1-7 % and the 5-second offline ones 1-19 %.
-    offline_duration: float = 10.0
+    # Measured seconds per offline cell (0 = as long as a served cell, `duration`): across the pairs of
+    # two sweeps the served readings of a target cell varied 1-7 % and the 5-second offline ones 1-19 %.
+    offline_duration: float = 0.0
     open_sessions: int = 256
     open_fractions: list[float] = field(default_factory=lambda: [0.5, 0.8])
     generate_sessions: list[int] = field(default_factory=lambda: [1, 64])
@@ -63,6 +63,10 @@ class SweepConfig:
     json_out: str = str(ROOT / "docs" / "benchmarks.json")
     cache: str = str(cache_dir())
     quick: bool = False
+
+    def __post_init__(self) -> None:
+        if self.offline_duration <= 0:
+            self.offline_duration = self.duration
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> SweepConfig:

@@ -323,3 +323,11 @@ def test_engine_mode_drives_the_engine_in_process(tiny_checkpoint: Path, tmp_pat
     assert 1 < cell["mean_batch"] <= 6  # sessions shared steps
     assert cell["cpu_pct"] > 0
     assert "| 6 | 3 |" in proc.stdout
+
+
+def test_offline_cells_are_measured_as_long_as_served_cells_unless_told_otherwise() -> None:
+    from bench.sweep import SweepConfig
+
+    assert SweepConfig(duration=7.0).offline_duration == 7.0
+    assert SweepConfig(duration=7.0, offline_duration=3.0).offline_duration == 3.0
+    assert SweepConfig.quick_config().offline_duration == 2.0
