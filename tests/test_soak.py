@@ -100,11 +100,14 @@ def test_verifier_catches_wrong_logprobs(tiny_checkpoint: Path) -> None:
     assert verifier.check(soak.Session("s")) is None
 
 
+SOAK_MINUTES = os.environ.get("LSTM_SOAK_MINUTES", "10")
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(float(SOAK_MINUTES) * 60 + 600)  # beyond the suite's 300 s per test, and run_soak's own limit
 def test_long_soak(tiny_checkpoint: Path) -> None:
     """On request only (pytest -m slow): LSTM_SOAK_MINUTES of 64 sessions."""
-    minutes = os.environ.get("LSTM_SOAK_MINUTES", "10")
-    proc = run_soak("--checkpoint", str(tiny_checkpoint), "--sessions", "64", "--minutes", minutes,
-                    timeout=float(minutes) * 60 + 300)
+    proc = run_soak("--checkpoint", str(tiny_checkpoint), "--sessions", "64", "--minutes", SOAK_MINUTES,
+                    timeout=float(SOAK_MINUTES) * 60 + 300)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
