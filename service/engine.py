@@ -103,6 +103,11 @@ class FailedPreconditionError(EngineError):
 # Never more than max_batch_wait_ms. Holds continue only while a moving average (this weight
 # per hold) of the share of sessions back within the first part stays at or above the
 # minimum return rate; else one step in REGROUP_PROBE_EVERY still holds (first part only).
+# The largest response the server sends (gRPC's send limit): a step whose response would be
+# larger is refused before it is applied. At the default limits the largest (4096 tokens with
+# log-probabilities and the hidden state of a 2x512 model) is ~10 MB.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
 REGROUP_SHARE_OF_STEP = 0.5
 REGROUP_SECONDS_PER_ANSWER = 0.0002  # ~what the RPC layer on 2 cores needs to answer a session and read it back
 REGROUP_MIN_HOLD_SECONDS = 0.020
@@ -217,10 +222,19 @@ class _Session:
 
 
 @dataclass(eq=False)
+class StepGroup:
+    """Requests of one stream: once one fails, the engine drops those of them that have not
+    started, so what a failed stream applied does not depend on timing."""
+
+    failed: bool = False  # a request of the group failed (set on the engine thread)
+
+
+@dataclass(eq=False)
 class _StepJob:
     future: asyncio.Future[StepResult]
     expected_position: int | None
     options: StepOptions
+    group: StepGroup | None = None  # the stream it came on, if any
     checked: bool = False  # expected_position and replay checked (on first run)
     start_position: int = -1  # session position before this step
     parts: list[RowOutput] = field(default_factory=list)
@@ -397,7 +411,11 @@ class Engine:
         item = WorkItem(key, WorkKind.CONTROL, payload=_ControlJob(fn, future))
         self._inbox.append(item)
         self._notify()
-        return await future
+        try:
+            return await future
+        finally:
+            if not future.done() or future.cancelled():  # the caller gave up: not applied later
+                self.scheduler.cancel(item)
 
     async def create_session(self, owner: str, ttl_seconds: int | None = None, session_id: str = "") -> SessionInfo:
         self._check_accepting()
@@ -440,6 +458,8 @@ class Engine:
         return self._info(record)
 
     async def delete_session(self, owner: str, session_id: str) -> None:
+        """Delete at once, not after the session's queued work: that work (a long Generate, say)
+        ends with NOT_FOUND when it next comes up instead of delaying the delete."""
         self._lookup(owner, session_id)
 
         def delete() -> None:
@@ -448,7 +468,7 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.sessions_deleted_total.inc()
 
-        await self._in_session_order(session_key(owner, session_id), delete)
+        await self._on_engine(delete)
 
     async def reset_session(self, owner: str, session_id: str) -> SessionInfo:
         self._check_accepting()
@@ -642,6 +662,11 @@ class Engine:
     def _admit(self, n_tokens: int) -> None:
         """Count n_tokens against max_queued_tokens; the caller then puts its item in the inbox."""
         self._check_accepting()
+        if n_tokens > self.limits.max_queued_tokens:  # could never be admitted: not worth a retry
+            raise InvalidArgumentError(
+                f"this request needs {n_tokens} tokens of the engine queue, which holds at most "
+                f"{self.limits.max_queued_tokens}; send fewer tokens (or a smaller max_tokens)"
+            )
         with self._admission:
             waiting = self.scheduler.queued_tokens + self._inbox_tokens
             if waiting + n_tokens > self.limits.max_queued_tokens:
@@ -659,18 +684,24 @@ class Engine:
         tokens: list[int],
         expected_position: int | None = None,
         options: StepOptions = StepOptions(),
+        group: StepGroup | None = None,
     ) -> tuple[asyncio.Future[StepResult], WorkItem]:
-        """Queue a step; await the future for its result, close the item to cancel it."""
+        """Queue a step; await the future for its result, `scheduler.cancel` the item if you
+        give up on it."""
         assert self._loop is not None
         if not tokens:
             raise InvalidArgumentError("input is empty: set tokens or text to at least one token")
         self.validate_tokens(tokens, "tokens")
         if options.top_k < 0 or options.top_k > self._vocab_size:
             raise InvalidArgumentError(f"top_k must be between 0 and {self._vocab_size}, got {options.top_k}")
+        if expected_position is not None and expected_position < 0:
+            raise InvalidArgumentError(f"expected_position must be >= 0, got {expected_position}")
+        if options.want_logprobs or options.want_hidden:
+            self._check_response_size(len(tokens), options)
         record = self._lookup(owner, session_id)
         self._admit(len(tokens))
         future: asyncio.Future[StepResult] = self._loop.create_future()
-        job = _StepJob(future, expected_position, options)
+        job = _StepJob(future, expected_position, options, group)
         item = WorkItem(record.key, WorkKind.STEP, list(tokens), payload=job, enqueued_at=time.monotonic())
         self._inbox.append(item)
         self._notify()
@@ -699,7 +730,22 @@ class Engine:
             return await future
         finally:
             if not future.done() or future.cancelled():  # a cancelled await cancels the future too
-                self.scheduler.close(item)
+                self.scheduler.cancel(item)
+
+    def _check_response_size(self, n_tokens: int, options: StepOptions) -> None:
+        """Refuse, before it is applied, a step whose response could not be sent."""
+        per_token = 16 + 9 * options.top_k  # token, framing, top-k ids and log-probabilities
+        if options.want_logprobs:
+            per_token += 4 * self._vocab_size + 6
+        if options.want_hidden:
+            per_token += 4 * self.runner.config.hidden_size + 6
+        size = n_tokens * per_token
+        if size > MAX_RESPONSE_BYTES:
+            raise InvalidArgumentError(
+                f"the response to {n_tokens} tokens with return_logprobs/return_hidden would be about "
+                f"{size / 2**20:.0f} MiB, over the {MAX_RESPONSE_BYTES // 2**20} MiB the server sends; "
+                f"send at most {MAX_RESPONSE_BYTES // per_token} tokens per request with these options"
+            )
 
     def validate_generate(self, params: GenerateParams) -> None:
         if not 1 <= params.max_tokens <= self.limits.max_generate_tokens:
@@ -726,6 +772,8 @@ class Engine:
         assert self._loop is not None
         self.validate_tokens(prompt, "prompt_tokens")
         self.validate_generate(params)
+        if expected_position is not None and expected_position < 0:
+            raise InvalidArgumentError(f"expected_position must be >= 0, got {expected_position}")
         self._lookup(owner, session_id)
         self._admit(len(prompt) + params.max_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(64)
@@ -750,7 +798,7 @@ class Engine:
                     raise event
                 yield event
         finally:
-            self.scheduler.close(item)
+            self.scheduler.cancel(item)
 
     # ---- the engine thread ----------------------------------------------------------------
 
@@ -931,6 +979,8 @@ class Engine:
         self.scheduler.close(item)
         job = item.payload
         if isinstance(job, _StepJob):
+            if job.group is not None:
+                job.group.failed = True
             deliveries.append((_set_exception, (job.future, error)))
         elif isinstance(job, _GenerateJob):
             deliveries.append((job.queue.put_nowait, (error,)))
@@ -953,6 +1003,10 @@ class Engine:
             self._make_resident(record)
             self._pinned.add(record.slot)
             if not job.checked:  # first time this request runs
+                if isinstance(job, _StepJob) and job.group is not None and job.group.failed:
+                    self.scheduler.close(item)  # an earlier request of its stream failed: the stream is ending
+                    deliveries.append((_cancel, (job.future,)))
+                    return None
                 job.checked = True
                 waits.append(now - item.enqueued_at)
                 expected = job.expected_position
@@ -1125,6 +1179,10 @@ def _run_deliveries(deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]]
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _cancel(future: asyncio.Future[Any]) -> None:
+    future.cancel()
 
 
 def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:

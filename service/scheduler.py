@@ -30,8 +30,9 @@ class WorkItem:
     payload: Any = None  # opaque to the scheduler: the engine's request and result sink
     enqueued_at: float = 0.0  # monotonic time of arrival, for queue-wait metrics
     done: int = 0  # input tokens already run
-    started: bool = False  # has been scheduled at least once
-    closed: bool = False  # cancelled, failed or finished early: drop without running
+    started: bool = False  # has been scheduled at least once (set on the engine thread only)
+    closed: bool = False  # failed or finished early: drop without running more of it
+    cancelled: bool = False  # its caller gave up: see Scheduler.cancel
 
     @property
     def remaining_input(self) -> int:
@@ -118,13 +119,14 @@ class Scheduler:
         tokens_left = self.max_batch_tokens
         for key in list(self._order):
             queue = self._queues[key]
-            while queue and queue[0].closed:
+            while queue and (queue[0].closed or (queue[0].cancelled and _cancelled_out(queue[0]))):
                 self._pop_head(key)
             if not queue:
                 continue
             item = queue[0]
             if item.kind is WorkKind.CONTROL:
                 controls.append(item)
+                item.started = True
                 continue
             if len(rows) >= self.max_batch_sessions or tokens_left <= 0:
                 continue
@@ -162,6 +164,20 @@ class Scheduler:
         return finished
 
     def close(self, item: WorkItem) -> None:
-        """Mark an item to be dropped (cancelled, failed, stopped early). Safe from any thread:
-        it only sets a flag; the item leaves the queue when it next comes up."""
+        """Mark an item to be dropped (failed, stopped early). Safe from any thread: it only sets
+        a flag; the item leaves the queue when it next comes up."""
         item.closed = True
+
+    def cancel(self, item: WorkItem) -> None:
+        """Its caller gave up (cancelled, deadline passed, stream ended). Safe from any thread.
+
+        An item that has not started is dropped. One that has started still runs the rest of
+        its input, so a request's input is applied wholly or not at all (a retry of the step
+        then gets its response replayed); a Generate stops sampling once its prompt is in.
+        Decided on the engine thread, which alone sets `started`, so there is no race."""
+        item.cancelled = True
+
+
+def _cancelled_out(item: WorkItem) -> bool:
+    """A cancelled item leaves the queue: it has not started, or its input has all run."""
+    return not item.started or item.remaining_input == 0

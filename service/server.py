@@ -36,6 +36,7 @@ from service import eventloop
 from service.auth import AuthConfigError, AuthInterceptor, TokenAuth, load_tokens
 from service.config import ServerConfig, parse_config
 from service.engine import (
+    MAX_RESPONSE_BYTES,
     AlreadyExistsError,
     Engine,
     EngineError,
@@ -46,6 +47,7 @@ from service.engine import (
     PositionConflictError,
     ResourceExhaustedError,
     SessionInfo,
+    StepGroup,
     StepOptions,
     StepResult,
     UnavailableError,
@@ -151,6 +153,9 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self._request_ids = itertools.count(1)
+        # An unset top_k means 5, or the whole vocabulary if it is smaller.
+        vocab = len(engine.tokenizer)
+        self.default_options = DEFAULT_STEP_OPTIONS if vocab >= DEFAULT_STEP_OPTIONS.top_k else StepOptions(vocab)
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -240,10 +245,11 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         if not tokens:
             raise InvalidArgumentError("input is empty: set tokens or text to at least one token")
         expected = request.expected_position if request.HasField("expected_position") else None
-        top_k = request.top_k if request.HasField("top_k") else DEFAULT_STEP_OPTIONS.top_k
+        default = self.default_options
+        top_k = request.top_k if request.HasField("top_k") else default.top_k
         want_logprobs, want_hidden = request.return_logprobs, request.return_hidden
-        if top_k == DEFAULT_STEP_OPTIONS.top_k and not want_logprobs and not want_hidden:
-            return tokens, expected, DEFAULT_STEP_OPTIONS  # (frozen: one instance serves every such request)
+        if top_k == default.top_k and not want_logprobs and not want_hidden:
+            return tokens, expected, default  # (frozen: one instance serves every such request)
         return tokens, expected, StepOptions(top_k, want_logprobs, want_hidden)
 
     # ---- RPCs ----------------------------------------------------------------------------
@@ -331,7 +337,8 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         """Requests are submitted as they arrive (so a client may pipeline), answered in order.
 
         The stream ends at the first failing request with that request's status; requests
-        after it that have not run yet are dropped. Written on context.read()/write() instead of
+        after it that have not started are dropped (the engine drops them itself, so which ones
+        ran does not depend on timing; one that has started is finished). Written on context.read()/write() instead of
         generators and a queue: at token-by-token rates each hop per message was a measurable
         share of the one asyncio thread (docs/performance.md).
         """
@@ -385,6 +392,7 @@ class _StepStream:
         self.error: Exception | None = None  # why the reader ended early (a bad or malformed request)
         self.waiter: asyncio.Future[None] | None = None  # set while run() sleeps with nothing in flight
         self.room: asyncio.Future[None] | None = None  # set while the reader waits for an answer to go out
+        self.group = StepGroup()  # once a request fails, the engine drops the later ones
 
     def _wake(self, _: object = None) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -400,7 +408,9 @@ class _StepStream:
                 if isinstance(request, Malformed):
                     raise MalformedRequestError(request.message())
                 tokens, expected, options = self.servicer._step_args(request)
-                future, item = engine.submit_step(self.owner, request.session_id, tokens, expected, options)
+                future, item = engine.submit_step(
+                    self.owner, request.session_id, tokens, expected, options, self.group
+                )
                 self.inflight.append((future, item))
                 if self.waiter is not None and len(self.inflight) == 1:
                     future.add_done_callback(self._wake)  # wake run() when the answer is ready, not before
@@ -446,7 +456,7 @@ class _StepStream:
                     future.exception()  # retrieved: no "Future exception was never retrieved"
                 else:
                     future.cancel()
-                scheduler.close(item)
+                scheduler.cancel(item)
 
 
 class LstmServer:
@@ -545,7 +555,7 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,

@@ -611,6 +611,40 @@ async def test_async_errors(aclient: AsyncClient, server: Any) -> None:
             await dead.model_info()
 
 
+async def test_async_calls_in_flight_when_the_client_closes_raise_cancelled(server: Any) -> None:
+    client = AsyncClient(server.target, timeout=30)
+    session = await client.session(keep=True)
+    started = asyncio.Event()
+
+    async def generate() -> None:
+        async for _ in session.generate(max_tokens=4000):
+            started.set()
+
+    task = asyncio.create_task(generate())
+    await asyncio.wait_for(started.wait(), 30)
+    await client.close()
+    with pytest.raises(Cancelled):  # in the hierarchy, not asyncio.CancelledError
+        await task
+    assert not task.cancelled()
+
+
+async def test_async_stream_closes_a_waiting_input_iterator_when_the_server_fails_it(aclient: AsyncClient) -> None:
+    closed = asyncio.Event()
+
+    async def inputs() -> AsyncIterator[list[int]]:
+        try:
+            yield [9999]  # out of the vocabulary: the server ends the stream INVALID_ARGUMENT
+            await asyncio.Event().wait()  # a live source with nothing more to send yet
+        finally:
+            closed.set()
+
+    async with aclient.session() as s:
+        with pytest.raises(InvalidInput):
+            async for _ in s.stream(inputs()):
+                pass
+        await asyncio.wait_for(closed.wait(), 10)  # its cleanup ran; nothing left parked in it
+
+
 async def test_async_lost_step_response(server: Any) -> None:
     lossy = AioLoseResponses(STEP, count=0)
     async with (

@@ -4,6 +4,7 @@ argument handling."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import inspect
@@ -47,6 +48,7 @@ from lstmserve_client import (
 from lstmserve_client import _common as c
 from lstmserve_client.errors import from_rpc_error
 from lstmserve_client.proto import lstm_service_pb2 as pb
+from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
 EXPECTED_ALL = [
     "AlreadyExists",
@@ -146,7 +148,7 @@ def test_client_api_signatures() -> None:
     for name in ("timeout", "token", "tls", "retries"):
         assert sig.parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
     step = inspect.signature(Session.step)
-    assert step.parameters["top_k"].default == 5
+    assert step.parameters["top_k"].default is None  # unset: the server's default (5, or a smaller vocabulary)
     assert step.parameters["return_logprobs"].default is False
     assert step.parameters["return_hidden"].default is False
     gen = inspect.signature(Session.generate)
@@ -310,6 +312,17 @@ def test_split_input() -> None:
             c.split_input(bad_range)
 
 
+def test_text_that_protobuf_cannot_send_is_invalid_input_before_any_call() -> None:
+    # A lone surrogate is what os.fsdecode / sys.argv make of undecodable bytes.
+    with pytest.raises(InvalidInput, match="lone surrogate"):
+        c.split_input("ab\udcff")
+    with pytest.raises(InvalidInput, match="session_id"):
+        c.check_session_id("\udcff")
+    with pytest.raises(InvalidInput, match="stop string"):
+        _gen(stop="x\udcff")
+    assert c.check_text("héllo ☃", "input") == "héllo ☃"
+
+
 def test_step_request() -> None:
     req, n = c.step_request("s", "abc", expected_position=7, top_k=3, return_logprobs=True, return_hidden=False)
     assert n == 3 and req.text == "abc" and list(req.tokens) == []
@@ -320,6 +333,8 @@ def test_step_request() -> None:
     assert n == 2 and list(req.tokens) == [5, 6] and req.text == ""
     assert req.HasField("expected_position") and req.expected_position == 0
     assert req.HasField("top_k") and req.top_k == 0
+    req, _ = c.step_request("s", "a", expected_position=0, top_k=None, return_logprobs=False, return_hidden=False)
+    assert not req.HasField("top_k")  # the server's default
 
 
 def _gen(**kw: Any) -> pb.GenerateRequest:
@@ -649,3 +664,42 @@ def test_check_vocab_message() -> None:
     cli.check_vocab("abc\nab", ["a", "b", "c", "\n"], "x")
     with pytest.raises(cli.CliError, match=r"character 'é' \(U\+00E9\) at line 2, column 3 of f"):
         cli.check_vocab("ab\nabé", ["a", "b", "\n"], "f")
+
+
+# --------------------------------------------------------------------------- the vocabulary fetch
+
+
+class SlowModelInfo(pb_grpc.LstmServiceServicer):  # type: ignore[misc]
+    """A stand-in server whose GetModelInfo answers only after 20 s (the client layer alone)."""
+
+    async def CreateSession(self, request: Any, context: Any) -> Any:
+        return pb.CreateSessionResponse(session=pb.Session(session_id=request.session_id or "s"))
+
+    async def GetModelInfo(self, request: Any, context: Any) -> Any:
+        await asyncio.sleep(20)
+        return pb.GetModelInfoResponse()
+
+
+async def test_the_vocabulary_fetch_runs_under_the_calls_timeout() -> None:
+    """The first step/stream fetches the vocabulary; a step's timeout covers that fetch too
+    (it used to run under the client's default, here none: the step waited the full 20 s)."""
+    server = grpc.aio.server()
+    pb_grpc.add_LstmServiceServicer_to_server(SlowModelInfo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        def sync_step() -> None:
+            with Client(f"127.0.0.1:{port}", timeout=None) as client:
+                client.session(keep=True).step("a", timeout=0.5)
+
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.to_thread(sync_step)
+        async with AsyncClient(f"127.0.0.1:{port}", timeout=None) as aclient:
+            session = await aclient.session(keep=True)
+            with pytest.raises(DeadlineExceeded):
+                await session.step("a", timeout=0.5)
+            with pytest.raises(DeadlineExceeded):
+                async for _ in session.stream(["a"], timeout=0.5):
+                    pass
+    finally:
+        await server.stop(None)

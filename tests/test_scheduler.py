@@ -103,6 +103,46 @@ def test_cancel_in_the_middle_of_a_split_request() -> None:
     assert s.queued_tokens == 0 and len(s) == 0
 
 
+def test_a_cancelled_request_runs_wholly_or_not_at_all() -> None:
+    """cancel (the caller gave up) drops an item that has not started, but a started one runs
+    the rest of its input: a step is never left half applied."""
+    s = Scheduler(max_batch_sessions=8, max_batch_tokens=100, max_chunk_tokens=4)
+    started, waiting = step("a", 12), step("a", 3)
+    s.add(started)
+    s.add(waiting)
+    s.complete(s.schedule())
+    assert started.done == 4
+    s.cancel(started)
+    s.cancel(waiting)
+    assert run_all(s) == [[("a", 4)], [("a", 4)]]
+    assert started.done == 12 and waiting.done == 0
+    assert s.queued_tokens == 0 and len(s) == 0
+
+
+def test_a_cancelled_generate_finishes_its_prompt_but_samples_nothing() -> None:
+    s = Scheduler(max_batch_sessions=8, max_batch_tokens=100, max_chunk_tokens=2)
+    item = WorkItem("g", WorkKind.GENERATE, tokens=[1, 2, 3, 4], generate_tokens=5)
+    s.add(item)
+    s.complete(s.schedule())
+    s.cancel(item)
+    history = []
+    while plan := s.schedule():
+        history.append([(r.num_tokens, r.sample) for r in plan.rows])
+        s.complete(plan)
+    assert history == [[(2, False)]]
+    assert item.done == 4 and s.queued_tokens == 0 and len(s) == 0
+
+
+def test_a_cancelled_control_is_dropped_until_its_turn_comes() -> None:
+    s = Scheduler(max_batch_sessions=8, max_batch_tokens=100, max_chunk_tokens=100)
+    first, control = step("a", 2), WorkItem("a", WorkKind.CONTROL)
+    s.add(first)
+    s.add(control)
+    s.complete(s.schedule())  # runs `first`; the control's turn is next
+    s.cancel(control)
+    assert not s.schedule() and len(s) == 0
+
+
 def test_generate_items_feed_the_prompt_then_sample_one_token_per_step() -> None:
     s = Scheduler(max_batch_sessions=8, max_batch_tokens=100, max_chunk_tokens=3)
     item = WorkItem("g", WorkKind.GENERATE, tokens=[1, 2, 3, 4], generate_tokens=2)

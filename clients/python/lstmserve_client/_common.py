@@ -84,7 +84,19 @@ def check_session_id(session_id: str) -> str:
         raise TypeError(f"session_id must be a str, got {type(session_id).__name__}")
     if not session_id:
         raise InvalidInput("session_id must not be empty")
-    return session_id
+    return check_text(session_id, "session_id")
+
+
+def check_text(text: str, name: str) -> str:
+    """text, if protobuf can send it: a str with a lone surrogate (what os.fsdecode and
+    sys.argv make of undecodable bytes) is not UTF-8 and would fail deep inside protobuf."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInput(
+            f"{name} is not valid Unicode: {text[e.start:e.end]!a} at index {e.start} is a lone surrogate"
+        ) from None
+    return text
 
 
 def _check_int(value: Any, name: str, lo: int, hi: int) -> int:
@@ -114,7 +126,7 @@ def split_input(value: Any) -> tuple[str | None, list[int] | None, int]:
     """(text, tokens, token count) of a step input; exactly one of text and tokens is set."""
     if isinstance(value, str):
         # The vocabulary is character-level: one character, one token.
-        return value, None, len(value)
+        return check_text(value, "input"), None, len(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         raise TypeError("input must be a str or a sequence of ints, not bytes (decode it first)")
     if isinstance(value, (int, float)) or value is None:
@@ -127,12 +139,18 @@ def check_top_k(top_k: int) -> int:
     return _check_int(top_k, "top_k", 0, INT32_MAX)
 
 
+def check_step_top_k(top_k: int | None) -> int | None:
+    """A step's top_k; None leaves it unset: the server's default (5, or the whole
+    vocabulary if it has fewer tokens)."""
+    return None if top_k is None else check_top_k(top_k)
+
+
 def step_request(
     session_id: str,
     value: StepInput,
     *,
     expected_position: int,
-    top_k: int,
+    top_k: int | None,
     return_logprobs: bool,
     return_hidden: bool,
 ) -> tuple[pb.StepRequest, int]:
@@ -141,10 +159,11 @@ def step_request(
     req = pb.StepRequest(
         session_id=session_id,
         expected_position=expected_position,
-        top_k=top_k,
         return_logprobs=bool(return_logprobs),
         return_hidden=bool(return_hidden),
     )
+    if top_k is not None:
+        req.top_k = top_k
     if text is not None:
         req.text = text
     else:
@@ -184,6 +203,8 @@ def generate_request(
                 raise TypeError(f"stop strings must be str, got {type(s).__name__}")
     if any(not s for s in stops):
         raise InvalidInput("stop strings must not be empty")
+    for s in stops:
+        check_text(s, "stop string")
     req = pb.GenerateRequest(
         session_id=session_id,
         max_tokens=max_tokens,

@@ -151,10 +151,11 @@ class AsyncClient:
     def _resolve_timeout(self, timeout: float | None) -> float | None:
         return self._timeout if timeout is None else c.check_timeout(timeout)
 
-    async def _vocab(self) -> list[str]:
+    async def _vocab(self, timeout: float | None) -> list[str]:
+        """The vocabulary, fetched once; the fetch runs under the calling method's timeout."""
         info = self._info
         if info is None:
-            info = await self.model_info()
+            info = await self.model_info(timeout=timeout)
         return info.vocab
 
     async def _get_session(self, session_id: str, deadline: c.Deadline) -> SessionInfo:
@@ -186,6 +187,10 @@ class AsyncClient:
                 err = from_rpc_error(e)
             except grpc.aio.UsageError as e:  # the channel was closed
                 raise Cancelled(str(e)) from None
+            except asyncio.CancelledError:
+                if _closed_under(self):
+                    raise Cancelled("the client was closed during the call") from None
+                raise
             if attempt > 1 and accept_on_retry is not None and accept_on_retry(err):
                 return None
             delay = c.retry_delay(err, attempt, self._retries, deadline) if retry else None
@@ -283,7 +288,7 @@ class AsyncSession:
         self,
         input: c.StepInput,
         *,
-        top_k: int = 5,
+        top_k: int | None = None,
         return_logprobs: bool = False,
         return_hidden: bool = False,
         timeout: float | None = None,
@@ -292,13 +297,13 @@ class AsyncSession:
             self._id,
             input,
             expected_position=self._position,
-            top_k=c.check_top_k(top_k),
+            top_k=c.check_step_top_k(top_k),
             return_logprobs=return_logprobs,
             return_hidden=return_hidden,
         )
         resynced = await self._sync_if_stale(timeout)
         req.expected_position = self._position
-        vocab = await self._client._vocab()
+        vocab = await self._client._vocab(timeout)
         try:
             resp = await self._client._unary(self._client._stub.Step, req, timeout=timeout)
         except PositionConflict as e:
@@ -318,14 +323,14 @@ class AsyncSession:
         self,
         inputs: AsyncIterable[c.StepInput] | Iterable[c.StepInput],
         *,
-        top_k: int = 5,
+        top_k: int | None = None,
         return_logprobs: bool = False,
         return_hidden: bool = False,
         timeout: float | None = None,
     ) -> AsyncGenerator[StepResult, None]:
         """Feed an async (or plain) iterable of inputs over one ``StreamSteps`` stream;
         an async iterator of results, one per input, in order."""
-        top_k = c.check_top_k(top_k)
+        top_k = c.check_step_top_k(top_k)
         if isinstance(inputs, (str, bytes)):
             raise TypeError("stream() takes an iterable of inputs (e.g. a list of str); for one input use step()")
         if not isinstance(inputs, (AsyncIterable, Iterable)):
@@ -335,7 +340,7 @@ class AsyncSession:
     async def _stream(
         self,
         inputs: AsyncIterable[c.StepInput] | Iterable[c.StepInput],
-        top_k: int,
+        top_k: int | None,
         return_logprobs: bool,
         return_hidden: bool,
         timeout: float | None,
@@ -343,7 +348,7 @@ class AsyncSession:
         client = self._client
         if client._closed:
             raise Cancelled("the client is closed")
-        vocab = await client._vocab()
+        vocab = await client._vocab(timeout)
         await self._sync_if_stale(timeout)
         failure: list[BaseException] = []
         expected = [self._position]
@@ -357,7 +362,12 @@ class AsyncSession:
                 for v in inputs:
                     yield v
 
+        consumer: list[asyncio.Task[Any]] = []  # grpc's task that reads requests() (public: current_task)
+
         async def requests() -> AsyncIterator[pb.StepRequest]:
+            task = asyncio.current_task()
+            if task is not None:
+                consumer.append(task)
             try:
                 async for value in source():
                     req, n = c.step_request(
@@ -388,8 +398,17 @@ class AsyncSession:
                 raise failure[0] from None
             done = not c.outcome_unknown(err)
             raise err from None
+        except asyncio.CancelledError:
+            if _closed_under(client):
+                raise Cancelled("the client was closed during the stream") from None
+            raise
         finally:
             call.cancel()
+            # A call that had already ended cancels nothing: grpc's task would stay parked in a
+            # live input iterator (and the iterator's own cleanup never run) until collected.
+            for task in consumer:
+                if not task.done():
+                    task.cancel()
             if not done:
                 self._stale = True
         if failure:
@@ -446,6 +465,10 @@ class AsyncSession:
             except grpc.RpcError as e:
                 err = from_rpc_error(e)
                 done = not c.outcome_unknown(err)
+            except asyncio.CancelledError:
+                if _closed_under(client):
+                    raise Cancelled("the client was closed during the generation") from None
+                raise
             finally:
                 call.cancel()
                 if not done:
@@ -549,3 +572,13 @@ class AsyncSession:
             accept_on_retry=lambda e: e.code == "NOT_FOUND",
         )
         self._deleted = True
+
+
+def _closed_under(client: AsyncClient) -> bool:
+    """Whether a CancelledError out of grpc.aio comes from close() (grpc cancels the calls
+    in flight) rather than from a cancellation of the caller's own task, which must go on."""
+    if not client._closed:
+        return False
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return not (cancelling is not None and cancelling())

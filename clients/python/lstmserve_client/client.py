@@ -158,11 +158,12 @@ class Client:
     def _resolve_timeout(self, timeout: float | None) -> float | None:
         return self._timeout if timeout is None else c.check_timeout(timeout)
 
-    def _vocab(self) -> list[str]:
+    def _vocab(self, timeout: float | None) -> list[str]:
+        """The vocabulary, fetched once; the fetch runs under the calling method's timeout."""
         info = self._info
         if info is None:
             with self._info_lock:
-                info = self._info or self.model_info()
+                info = self._info or self.model_info(timeout=timeout)
         return info.vocab
 
     def _get_session(self, session_id: str, deadline: c.Deadline) -> SessionInfo:
@@ -279,7 +280,7 @@ class Session:
         self,
         input: c.StepInput,
         *,
-        top_k: int = 5,
+        top_k: int | None = None,
         return_logprobs: bool = False,
         return_hidden: bool = False,
         timeout: float | None = None,
@@ -294,13 +295,13 @@ class Session:
             self._id,
             input,
             expected_position=self._position,
-            top_k=c.check_top_k(top_k),
+            top_k=c.check_step_top_k(top_k),
             return_logprobs=return_logprobs,
             return_hidden=return_hidden,
         )
         resynced = self._sync_if_stale(timeout)
         req.expected_position = self._position
-        vocab = self._client._vocab()
+        vocab = self._client._vocab(timeout)
         try:
             resp = self._client._unary(self._client._stub.Step, req, timeout=timeout)
         except PositionConflict as e:
@@ -320,7 +321,7 @@ class Session:
         self,
         inputs: Iterable[c.StepInput],
         *,
-        top_k: int = 5,
+        top_k: int | None = None,
         return_logprobs: bool = False,
         return_hidden: bool = False,
         timeout: float | None = None,
@@ -333,18 +334,18 @@ class Session:
         If ``inputs`` raises, or yields an invalid input, the results of the inputs before
         it are yielded and then that exception is raised.
         """
-        top_k = c.check_top_k(top_k)
+        top_k = c.check_step_top_k(top_k)
         if isinstance(inputs, (str, bytes)):
             raise TypeError("stream() takes an iterable of inputs (e.g. a list of str); for one input use step()")
         if self._client._closed:
             raise Cancelled("the client is closed")
-        vocab = self._client._vocab()
+        vocab = self._client._vocab(timeout)
         return self._stream(iter(inputs), top_k, return_logprobs, return_hidden, timeout, vocab)
 
     def _stream(
         self,
         it: Iterator[c.StepInput],
-        top_k: int,
+        top_k: int | None,
         return_logprobs: bool,
         return_hidden: bool,
         timeout: float | None,

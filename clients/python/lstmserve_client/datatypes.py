@@ -102,7 +102,7 @@ class GeneratedToken:
     text: str
     logprob: float  # under the model, before temperature/top-k/top-p
     position: int  # the session's position after this token
-    finish_reason: str | None = None  # "length", "stop" or "cancelled" on the last token only
+    finish_reason: str | None = None  # "length" or "stop" on the last token only
 
 
 @dataclass(frozen=True)

@@ -116,14 +116,17 @@ class LstmServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSession(self, request, context):
-        """Deletes a session and frees its state.
+        """Deletes a session and frees its state, at once: the session's requests still
+        queued or running end with NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ResetSession(self, request, context):
-        """Puts a session's state back to zeros and its position to 0.
+        """Puts a session's state back to zeros and its position to 0, after the
+        session's requests queued before it (as ForkSession). Not applied if the call
+        is cancelled or its deadline passes before its turn.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
