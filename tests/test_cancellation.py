@@ -58,7 +58,7 @@ def test_a_step_given_up_on_is_applied_wholly_or_not_at_all_and_its_retry_is_ans
             for _ in range(3):
                 sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
                 request = pb.StepRequest(session_id=sid, tokens=tokens, expected_position=0, top_k=1)
-                outcomes.append(code_of(lambda: stub.Step(request, timeout=0.03)))
+                outcomes.append(code_of(lambda r=request: stub.Step(r, timeout=0.03)))
                 assert settled_position(stub, sid) in (0, 4096)
                 retry = stub.Step(request, timeout=60)  # the documented-safe retry
                 assert retry.position == 4096 and len(retry.outputs) == 4096
