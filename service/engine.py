@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import secrets
+import sqlite3
 import threading
 import time
 from collections import OrderedDict, deque
@@ -36,7 +37,7 @@ from service.logs import short_id
 from service.runner import ModelRunner, RowInput, RowOutput, SamplingParams
 from service.sampling import to_signed64
 from service.scheduler import ScheduledRow, Scheduler, StepPlan, WorkItem, WorkKind
-from service.state_store import JournalEntry, StateStore, StoredSession, StoreThread
+from service.state_store import JournalEntry, StateStore, StateStoreError, StoredSession, StoreThread
 
 log = logging.getLogger("lstm_serve.engine")
 
@@ -210,6 +211,10 @@ class _Session:
     last_used: float  # monotonic; expiry is last_used + ttl
     position: int = 0
     dirty: bool = False  # state changed since its last snapshot in the store
+    # A store write for it failed (journal, reset): its stored state is behind, so it is
+    # snapshotted whole before it runs (or is journaled, or answered) again.
+    needs_snapshot: bool = False
+    snapshot_in_flight: Future[None] | None = None  # its last background snapshot, until written
     # Set for stored sessions of another checkpoint: refused with FAILED_PRECONDITION.
     foreign_checkpoint: str | None = None
     # The most recent step (start position, tokens, result): a retry of it is answered
@@ -284,6 +289,11 @@ class Engine:
         if self.store is None:
             resident = self.limits.max_sessions
         self.max_resident = max(min(resident, self.limits.max_sessions), self.limits.max_batch_sessions)
+        if self.store is not None and self.limits.max_resident_sessions and self.max_resident > resident:
+            log.warning(
+                "max_resident_sessions %d raised to %d (max_batch_sessions): one step needs that many resident",
+                resident, self.max_resident,
+            )
         self.runner = ModelRunner(
             checkpoint, device, dtype, self.limits.initial_capacity, max_capacity=self.max_resident
         )
@@ -309,6 +319,8 @@ class Engine:
         # For regrouping (see _regroup): the sessions the last step answered, when it ended
         # and how long it ran.
         self._answered: list[str] = []
+        # Sessions read (GetSession, on the event loop) since the last snapshot: their expiry moved.
+        self._touched: deque[str] = deque()
         self._last_step_end = 0.0
         self._last_step_seconds = 0.0
         self._return_rate = 1.0  # moving average of the share of waited-for sessions that came back
@@ -320,7 +332,13 @@ class Engine:
         self._loop = loop
         self._warm_up()
         if self.store is not None:
-            self._load_store()
+            try:
+                self._load_store()
+            except sqlite3.Error as e:
+                raise StateStoreError(
+                    f"the session store cannot be read ({type(e).__name__}: {e}); "
+                    "move the damaged file away to start with no stored sessions"
+                ) from None
         self._thread = threading.Thread(target=self._run, name="lstm-engine", daemon=True)
         self._thread.start()
 
@@ -446,7 +464,12 @@ class Engine:
         self._resident[record.key] = None
         heapq.heappush(self._expiry, (now + ttl, record.key))
         if self.store is not None:  # the session exists durably before anyone hears of it
-            self.store.save_snapshots([self._snapshot_of(record, with_state=copy_from is not None)])
+            try:
+                self.store.save_snapshots([self._snapshot_of(record, with_state=copy_from is not None)])
+            except Exception as e:  # undone: a session nobody was told of must not linger
+                self._sessions.pop(record.key, None)
+                self._release_slot(record)
+                raise _store_unavailable("record the new session", e) from None
         if self.metrics is not None:
             self.metrics.sessions_created_total.inc()
         self._update_session_gauges()
@@ -455,6 +478,8 @@ class Engine:
     async def get_session(self, owner: str, session_id: str) -> SessionInfo:
         record = self._lookup(owner, session_id)
         record.last_used = time.monotonic()
+        if self.store is not None:
+            self._touched.append(record.key)  # the next snapshot stores the later expiry
         return self._info(record)
 
     async def delete_session(self, owner: str, session_id: str) -> None:
@@ -483,8 +508,12 @@ class Engine:
             record.last_step = None
             record.last_used = time.monotonic()
             if self.store is not None:
-                self.store.save_snapshots([self._snapshot_of(record, with_state=False)])
-                record.dirty = False
+                try:
+                    self.store.save_snapshots([self._snapshot_of(record, with_state=False)])
+                except Exception as e:  # reset in memory only: store it whole before it runs again
+                    record.needs_snapshot = record.dirty = True
+                    raise _store_unavailable("record the reset (it is applied; a retry is safe)", e) from None
+                record.dirty = record.needs_snapshot = False
             return self._info(record)
 
         result: SessionInfo = await self._in_session_order(session_key(owner, session_id), reset)
@@ -508,11 +537,15 @@ class Engine:
         return result
 
     def _remove(self, record: _Session) -> None:
-        if self._sessions.pop(record.key, None) is not None:
+        if record.key in self._sessions:
+            if self.store is not None:  # first: if it fails the session stays as it was
+                try:
+                    self.store.delete([record.key])
+                except Exception as e:
+                    raise _store_unavailable("delete the session", e) from None
+            del self._sessions[record.key]
             if record.slot >= 0:
                 self._release_slot(record)
-            if self.store is not None:
-                self.store.delete([record.key])
             if len(self._expiry) > 2 * len(self._sessions) + 1024:  # drop entries of removed sessions
                 self._expiry = [(d, sid) for d, sid in self._expiry if sid in self._sessions]
                 heapq.heapify(self._expiry)
@@ -547,9 +580,15 @@ class Engine:
             record = self._sessions[sid]
             if record.slot in self._pinned:
                 continue
-            if record.dirty:
-                self.store.save_snapshots([self._snapshot_of(record, with_state=True)])
-                record.dirty = False
+            pending = record.snapshot_in_flight
+            # A background snapshot not yet written (or failed) does not count as written.
+            if record.dirty or (pending is not None and (not pending.done() or pending.exception() is not None)):
+                try:
+                    self.store.save_snapshots([self._snapshot_of(record, with_state=True)])
+                except Exception as e:
+                    raise _store_unavailable("save a session to make room", e) from None
+                record.dirty = record.needs_snapshot = False
+                record.snapshot_in_flight = None
             self._release_slot(record)
             return
         raise ResourceExhaustedError("every resident session is in use; retry shortly", retry_after_ms=100)
@@ -601,6 +640,16 @@ class Engine:
     def _snapshot_dirty(self) -> None:
         assert self.store is not None
         dirty = [r for sid in self._resident if (r := self._sessions[sid]).dirty]
+        touched: set[str] = set()
+        while self._touched:  # (appended to on the event loop; only this thread takes from it)
+            touched.add(self._touched.popleft())
+        if touched:  # read, not changed: only their expiry is written
+            touched.difference_update(r.key for r in dirty)
+            read = [record for key in touched if (record := self._sessions.get(key)) is not None]
+            if read:
+                wall, now = time.time(), time.monotonic()
+                expiries = [(r.key, wall - (now - r.last_used) + r.ttl) for r in read]
+                self.store.touch_later(expiries).add_done_callback(_touch_failed)
         if dirty:
             # One gather for all of them: per-session reads paused the engine ~40-70 ms at 256
             # sessions (the p99 of a 256-session load every snapshot interval).
@@ -612,6 +661,7 @@ class Engine:
             )
             for r in dirty:
                 r.dirty = False
+                r.snapshot_in_flight = written
             written.add_done_callback(functools.partial(_snapshot_failed, sessions=dirty))
         self._last_snapshot = time.monotonic()
 
@@ -961,7 +1011,12 @@ class Engine:
             if deadline > now or self.scheduler.pending(sid):
                 heapq.heappush(self._expiry, (max(deadline, now + 1.0), sid))
                 continue
-            self._remove(record)
+            try:
+                self._remove(record)
+            except UnavailableError:
+                log.exception("expiring session %s failed; retried in a minute", short_id(record.session_id))
+                heapq.heappush(self._expiry, (now + 60.0, sid))
+                continue
             expired += 1
         if expired and self.metrics is not None:
             self.metrics.sessions_expired_total.inc(expired)
@@ -1002,6 +1057,13 @@ class Engine:
                 raise NotFoundError(f"session {short_id(public_id(item.session_key))} was deleted or expired")
             self._make_resident(record)
             self._pinned.add(record.slot)
+            if record.needs_snapshot:
+                assert self.store is not None
+                try:
+                    self.store.save_snapshots([self._snapshot_of(record, with_state=True)])
+                except Exception as e:
+                    raise _store_unavailable("record this session's state", e) from None
+                record.needs_snapshot = record.dirty = False
             if not job.checked:  # first time this request runs
                 if isinstance(job, _StepJob) and job.group is not None and job.group.failed:
                     self.scheduler.close(item)  # an earlier request of its stream failed: the stream is ending
@@ -1073,6 +1135,7 @@ class Engine:
         self._pinned.clear()
         outputs = self.runner.execute(rows) if rows else []
         finished_at = time.monotonic()
+        answers_from = len(deliveries)  # this step's answers: withheld if the journal cannot record them
         journal: list[JournalEntry] = []
         input_tokens = generated = 0
         journaling = self.store is not None and self.durability.mode == "journal"
@@ -1102,7 +1165,17 @@ class Engine:
 
         if journal:
             assert self.store is not None
-            self.store.append_journal(journal)  # durable before any response of this step leaves
+            try:
+                self.store.append_journal(journal)  # durable before any response of this step leaves
+            except Exception as e:
+                # Applied but not recorded: answer none of it (a retry of a step is replayed once
+                # its session's state is stored whole, which happens before it runs again).
+                log.exception("journal write failed; %d sessions are stored whole before they run again", len(running))
+                del deliveries[answers_from:]
+                error = _store_unavailable("record this step", e)
+                for row, record in running:
+                    record.needs_snapshot = record.dirty = True
+                    self._fail_item(row.item, error, deliveries)
         finished = self.scheduler.complete(plan)
         # Counted before the answers leave, so a client that has its answer sees the step counted.
         self._answered = [item.session_key for item in finished if item.kind is not WorkKind.CONTROL]
@@ -1159,6 +1232,16 @@ class Engine:
                 self._loop.call_soon_threadsafe(_run_deliveries, deliveries)
             except RuntimeError:  # the loop closed while we were running
                 pass
+
+
+def _store_unavailable(what: str, error: BaseException) -> UnavailableError:
+    return UnavailableError(f"the state store failed to {what} ({type(error).__name__}: {error}); retry later")
+
+
+def _touch_failed(done: Future[None]) -> None:
+    error = done.exception()
+    if error is not None:  # only expiry times; the sessions are written whole at their next snapshot
+        log.error("storing the expiry of read sessions failed: %s", error)
 
 
 def _snapshot_failed(done: Future[None], sessions: list[_Session]) -> None:

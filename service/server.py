@@ -55,7 +55,7 @@ from service.engine import (
 from service.logs import configure_logging, short_id
 from service.malformed import Malformed, MalformedRequestError, MalformedRequestInterceptor
 from service.metrics import Metrics, start_metrics_http_server
-from service.state_store import SqliteStateStore, StateStoreLockedError
+from service.state_store import SqliteStateStore, StateStoreError
 
 __version__ = "0.1.0"
 log = logging.getLogger("lstm_serve.server")
@@ -585,10 +585,14 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
 async def serve(config: ServerConfig) -> int:
     try:
         server, port = await create_server(config)
-    except (CheckpointError, AuthConfigError, StartupError, StateStoreLockedError) as e:
+    except (CheckpointError, AuthConfigError, StartupError, StateStoreError) as e:
         log.error("refusing to start: %s", e)
         return 2
-    await server.start()
+    try:
+        await server.start()  # (reads the stored sessions)
+    except StateStoreError as e:
+        log.error("refusing to start: %s", e)
+        return 2  # (the process ends: nothing of the half-started server outlives it)
     info = server.engine.checkpoint
     log.info(
         "serving %s (%s %dx%d, sha256 %s…) on %s:%d, metrics on :%s, device %s %s, event loop %s, "

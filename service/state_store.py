@@ -60,7 +60,11 @@ class StateStore(Protocol):
         ...
 
     def append_journal(self, entries: Iterable[JournalEntry]) -> None:
-        """Append journal entries in one durable transaction."""
+        """Append journal entries in one durable transaction (renewing their sessions' expiry)."""
+        ...
+
+    def touch(self, expiries: Iterable[tuple[str, float]]) -> None:
+        """Set (session_id, expires_at) of sessions used without a change of state."""
         ...
 
     def delete(self, session_ids: Iterable[str]) -> None: ...
@@ -166,6 +170,9 @@ class StoreThread:
     def append_journal(self, entries: Iterable[JournalEntry]) -> None:
         self._call(self.store.append_journal, list(entries))
 
+    def touch_later(self, expiries: Iterable[tuple[str, float]]) -> Future[None]:
+        return self._thread.submit(self.store.touch, list(expiries))
+
     def delete(self, session_ids: Iterable[str]) -> None:
         self._call(self.store.delete, list(session_ids))
 
@@ -178,7 +185,11 @@ class StoreThread:
         self._thread.shutdown()
 
 
-class StateStoreLockedError(Exception):
+class StateStoreError(Exception):
+    """The state store cannot be opened or read (the server refuses to start)."""
+
+
+class StateStoreLockedError(StateStoreError):
     """Another server process uses this state directory."""
 
 
@@ -187,10 +198,13 @@ class SqliteStateStore:
 
     def __init__(self, directory: Path | str, durable: bool) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "sessions.sqlite3"
-        # One server per state directory: two would restore each other's sessions.
-        self._lock = open(self.directory / "lock", "a+")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # One server per state directory: two would restore each other's sessions.
+            self._lock = open(self.directory / "lock", "a+")
+        except OSError as e:
+            raise StateStoreError(f"{self.directory}: cannot use it as the state directory: {e}") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -198,11 +212,18 @@ class SqliteStateStore:
             raise StateStoreLockedError(
                 f"{self.directory}: state directory is in use by another lstm-serve process"
             ) from None
-        # Used by one thread at a time (the engine's StoreThread), never by two at once.
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self.db.executescript(SCHEMA)
+        try:
+            # Used by one thread at a time (the engine's StoreThread), never by two at once.
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            self._lock.close()
+            raise StateStoreError(
+                f"{self.path}: cannot open the session store ({type(e).__name__}: {e}); "
+                "fix its permissions, or move a damaged file away to start with no stored sessions"
+            ) from None
 
     def _transaction(self) -> _Tx:
         return _Tx(self.db)
@@ -254,10 +275,22 @@ class SqliteStateStore:
             self.db.executemany("DELETE FROM journal WHERE session_id = ?", [(row[0],) for row in rows])
 
     def append_journal(self, entries: Iterable[JournalEntry]) -> None:
+        entries = list(entries)
+        now = time.time()
         with self._transaction():
             self.db.executemany(
                 "INSERT OR REPLACE INTO journal VALUES (?, ?, ?)",
                 [(e.session_id, e.start_position, _pack_tokens(e.tokens)) for e in entries],
+            )
+            # A use renews a session's time to live: a crash must not purge one still in use.
+            self.db.executemany(
+                "UPDATE sessions SET expires_at = ? + ttl WHERE session_id = ?", [(now, e.session_id) for e in entries]
+            )
+
+    def touch(self, expiries: Iterable[tuple[str, float]]) -> None:
+        with self._transaction():
+            self.db.executemany(
+                "UPDATE sessions SET expires_at = ? WHERE session_id = ?", [(exp, sid) for sid, exp in expiries]
             )
 
     def delete(self, session_ids: Iterable[str]) -> None:

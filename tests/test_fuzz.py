@@ -383,6 +383,8 @@ def step_request(world: World, spec: dict[str, Any]) -> tuple[pb.StepRequest, li
         top_k = request.top_k if request.HasField("top_k") else 5
         if not 0 <= top_k <= VOCAB:
             return tokens, "top_k"
+        if request.HasField("expected_position") and request.expected_position < 0:
+            return tokens, "negative expected_position"
         return tokens, None
 
     request = build(world.resolve(spec["target"], mutating=False))
@@ -532,6 +534,8 @@ def generate_request(world: World, spec: dict[str, Any]) -> tuple[pb.GenerateReq
             return prompt, "top_p"
         if len(r.stop) > 16 or any(not s or len(s) > 256 for s in r.stop):
             return prompt, "stop"
+        if r.HasField("expected_position") and r.expected_position < 0:
+            return prompt, "negative expected_position"
         return prompt, None
 
     request = build(world.resolve(spec["target"], mutating=False))

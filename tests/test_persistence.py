@@ -275,3 +275,158 @@ def test_one_server_per_state_directory(tmp_path: Path) -> None:
     finally:
         first.close()
     SqliteStateStore(tmp_path, durable=False).close()  # free again
+
+
+# --------------------------------------------------------------------------- a failing store
+# Failures are real: another connection holds SQLite's write lock (as another process or a
+# backup tool would), so the server's writes fail after SQLite's 5 s busy timeout.
+
+
+class WriteLock:
+    """Holds the write lock of a state directory's database until released."""
+
+    def __init__(self, state_dir: Path) -> None:
+        import sqlite3
+
+        self.db = sqlite3.connect(state_dir / "sessions.sqlite3", isolation_level=None, check_same_thread=False)
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self.db.execute("ROLLBACK")
+        self.db.close()
+
+
+def test_a_step_the_journal_could_not_record_is_not_acknowledged_until_it_is_stored(
+    tiny_checkpoint: Path, offline, tmp_path: Path
+) -> None:
+    tok = offline.tokenizer
+    state = tmp_path / "state"
+    server = ServerProcess(tiny_checkpoint, state, tmp_path, "--durability", "journal")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            stub.Step(pb.StepRequest(session_id=sid, text="To be, or not"))
+            lock = WriteLock(state)
+            step = pb.StepRequest(session_id=sid, text=" to be", expected_position=13)
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.Step(step, timeout=60)
+            assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "state store" in (failed.value.details() or "")
+            lock.release()
+            assert stub.Step(step, timeout=60).position == 19  # the retry: answered once it is stored
+            acked = stub.Step(pb.StepRequest(session_id=sid, text=", that", expected_position=19)).position
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+    finally:
+        server.kill()
+    server = ServerProcess(tiny_checkpoint, state, tmp_path, "--durability", "journal")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).session.position == acked == 25
+            text = "To be, or not to be, that is"
+            r = stub.Step(pb.StepRequest(session_id=sid, text=text[25:], expected_position=25, return_logprobs=True))
+            want = offline_logprobs(offline, tok.encode(text))[25:]
+            assert np.abs(logprobs_of([r]) - want).max() <= TOL
+    finally:
+        server.stop(signal.SIGTERM)
+        server.kill()
+
+
+PROPOSED_ID = "not-recorded-0123456789abcdef"
+
+
+def test_a_session_the_store_could_not_record_does_not_exist(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with run_server(tiny_checkpoint, durability="snapshot", state_dir=str(state)) as srv:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            stub.CreateSession(pb.CreateSessionRequest())  # the database exists
+            lock = WriteLock(state)
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.CreateSession(pb.CreateSessionRequest(session_id=PROPOSED_ID), timeout=60)
+            assert failed.value.code() is grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.GetSession(pb.GetSessionRequest(session_id=PROPOSED_ID))
+            assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+            lock.release()
+            assert stub.CreateSession(pb.CreateSessionRequest(session_id=PROPOSED_ID)).session.position == 0
+            assert srv.engine.session_count == 2
+
+
+def test_eviction_while_a_snapshot_waits_keeps_the_evicted_state(tiny_checkpoint: Path, offline, tmp_path: Path) -> None:
+    """The periodic snapshot is written in the background; a session evicted before it is
+    written (here it fails: the database is locked) is written whole first, not dropped."""
+    tok = offline.tokenizer
+    state = tmp_path / "state"
+    with run_server(tiny_checkpoint, durability="snapshot", state_dir=str(state), snapshot_interval_seconds=0.5,
+                    max_resident_sessions=2, max_batch_sessions=2) as srv:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            a, b = (stub.CreateSession(pb.CreateSessionRequest()).session.session_id for _ in range(2))
+            lock = WriteLock(state)
+            history = tok.encode("To be, or not to be")
+            stub.Step(pb.StepRequest(session_id=a, tokens=history))
+            stub.Step(pb.StepRequest(session_id=b, text="other"))
+            time.sleep(2.0)  # (an idle engine looks at the clock every second) the snapshot of a and b
+            # is queued and waits for the lock; it fails after SQLite's 5 s, before the lock goes
+            threading.Timer(5.0, lock.release).start()
+            stub.CreateSession(pb.CreateSessionRequest(), timeout=60)  # evicts a (least recently used)
+            evicted = [r for r in srv.engine._sessions.values() if r.session_id == a]
+            assert evicted and evicted[0].slot < 0  # the case under test: a is no longer resident
+            r = stub.Step(pb.StepRequest(session_id=a, text=",", expected_position=len(history), return_logprobs=True),
+                          timeout=60)
+            want = offline_logprobs(offline, history + tok.encode(","))[len(history):]
+            assert np.abs(logprobs_of([r]) - want).max() <= TOL
+
+
+def test_reading_a_session_renews_its_stored_expiry(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    state = str(tmp_path / "s")
+    with run_server(tiny_checkpoint, durability="snapshot", state_dir=state, snapshot_interval_seconds=0.2) as srv:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = stub.CreateSession(pb.CreateSessionRequest(ttl_seconds=3)).session.session_id
+            stub.Step(pb.StepRequest(session_id=sid, text="abc"))
+            time.sleep(0.6)  # snapshotted, expiry ~3 s from the step
+            for _ in range(8):  # kept alive by reads alone, past the first expiry
+                time.sleep(0.5)
+                stub.GetSession(pb.GetSessionRequest(session_id=sid))
+            time.sleep(0.5)  # the reads' expiry is stored by the next snapshot
+    with run_server(tiny_checkpoint, durability="snapshot", state_dir=state) as srv:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).session.position == 3
+
+
+def test_journal_appends_renew_the_stored_expiry(tmp_path: Path) -> None:
+    from service.state_store import JournalEntry, StoredSession
+
+    store = SqliteStateStore(tmp_path, durable=False)
+    try:
+        store.save_snapshots([StoredSession("k", "", 0.0, 60, time.time() + 1, "sha", 0, None)])
+        before = next(store.sessions()).expires_at
+        store.append_journal([JournalEntry("k", 0, [1, 2])])
+        after = next(store.sessions()).expires_at
+        assert after > before + 50 and abs(after - (time.time() + 60)) < 5
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("case", ["under a file", "corrupt database"])
+def test_an_unusable_state_directory_is_refused_in_one_line(tiny_checkpoint: Path, tmp_path: Path, case: str) -> None:
+    if case == "under a file":
+        (tmp_path / "afile").write_text("x")
+        state = tmp_path / "afile" / "state"
+    else:
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "sessions.sqlite3").write_bytes(b"this is not a database" * 100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.server", "--checkpoint", str(tiny_checkpoint), "--port", "0",
+         "--metrics-port", "-1", "--state-dir", str(state), "--durability", "snapshot"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "refusing to start" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
