@@ -355,7 +355,9 @@ def test_a_session_the_store_could_not_record_does_not_exist(tiny_checkpoint: Pa
             assert srv.engine.session_count == 2
 
 
-def test_eviction_while_a_snapshot_waits_keeps_the_evicted_state(tiny_checkpoint: Path, offline, tmp_path: Path) -> None:
+def test_eviction_while_a_snapshot_waits_keeps_the_evicted_state(
+    tiny_checkpoint: Path, offline, tmp_path: Path
+) -> None:
     """The periodic snapshot is written in the background; a session evicted before it is
     written (here it fails: the database is locked) is written whole first, not dropped."""
     tok = offline.tokenizer
