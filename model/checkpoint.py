@@ -121,8 +121,18 @@ class Checkpoint:
 
     @property
     def sha256(self) -> str:
-        """Identity of the served weights (the SHA-256 of model.safetensors)."""
-        return str(self.meta["weights_sha256"])
+        """Identity of the served model: the SHA-256 of the weights' SHA-256, the config and the
+        vocabulary. Not the weights alone: the same weights read with another vocabulary (an
+        edited model.json) are another model, and stored sessions must not cross between them."""
+        return model_identity(self.meta)
+
+
+def model_identity(meta: dict[str, Any]) -> str:
+    described = json.dumps(
+        {"weights_sha256": meta["weights_sha256"], "config": meta["config"], "vocab": meta["vocab"]},
+        sort_keys=True, ensure_ascii=True, separators=(",", ":"),
+    )
+    return hashlib.sha256(described.encode("ascii")).hexdigest()
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -157,9 +158,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, set[str]]:
 def use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "fp32":
         return False
-    if precision == "bf16" or device.type == "cuda":
+    native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type == "cuda":
         return True
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if precision == "bf16" and not native:  # oneDNN would fail at the first forward, unreadably
+        raise SystemExit("lstm-train: --precision bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX); "
+                         "this one has none: use --precision fp32 (or auto)")
+    return native
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -375,6 +380,14 @@ def train(args: TrainArgs) -> dict[str, Any]:
     metrics_path = out / "metrics.jsonl"
     if not args.resume and metrics_path.exists():
         metrics_path.unlink()
+    if args.resume and Path(args.resume).resolve() != out.resolve():
+        # Continued elsewhere: the new directory carries the run's history (its best checkpoint
+        # so far, which only a better evaluation replaces, and its metrics).
+        earlier = Path(args.resume)
+        if (earlier / "best").is_dir() and not (out / "best").exists():
+            shutil.copytree(earlier / "best", out / "best")
+        if (earlier / "metrics.jsonl").is_file() and not metrics_path.exists():
+            shutil.copyfile(earlier / "metrics.jsonl", metrics_path)
 
     def meta() -> dict[str, Any]:
         return {
@@ -490,9 +503,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         try:
-            saved = json.loads((run_dir / "resume" / META_FILE).read_text())["training"]
+            saved_meta = json.loads((run_dir / "resume" / META_FILE).read_text())
+            saved = saved_meta["training"]
         except (OSError, KeyError, json.JSONDecodeError) as e:
             print(f"lstm-train: cannot resume from {run_dir}: {e}", file=sys.stderr)
+            return 2
+        changed = sorted(k for k in given - RESUME_OVERRIDABLE if getattr(args, k) != saved.get(k))
+        if changed:
+            print(
+                f"lstm-train: --resume continues the run as it was started; it cannot change "
+                f"{', '.join('--' + k.replace('_', '-') for k in changed)} "
+                f"(it may change: {', '.join(sorted('--' + k.replace('_', '-') for k in RESUME_OVERRIDABLE))})",
+                file=sys.stderr,
+            )
+            return 2
+        data = Path(saved["data"])
+        recorded = saved_meta.get("data_sha256")
+        if recorded is not None and data.is_file() and sha256_file(data) != recorded:
+            print(f"lstm-train: cannot resume from {run_dir}: {data} is not the corpus the run was trained on "
+                  f"(SHA-256 {sha256_file(data)[:12]}…, the run recorded {recorded[:12]}…)", file=sys.stderr)
             return 2
         merged = {**saved, **{k: getattr(args, k) for k in given & RESUME_OVERRIDABLE}}
         merged["time_budget"] = args.time_budget  # a budget belongs to one invocation

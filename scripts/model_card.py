@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, model_identity
 from model.train import sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +80,7 @@ A character-level recurrent language model (`model/model.py`): embedding -> {cfg
 | dropout | {cfg.dropout} (between layers and before the head) |
 | parameters | {params:,} |
 | weights | `model.safetensors`, SHA-256 `{meta['weights_sha256']}` |
+| identity | `{model_identity(meta)}` (the server's `checkpoint_sha256`: weights, config and vocabulary) |
 
 ## Data
 

@@ -590,6 +590,8 @@ class Engine:
                 record.dirty = record.needs_snapshot = False
                 record.snapshot_in_flight = None
             self._release_slot(record)
+            if self.metrics is not None:
+                self.metrics.sessions_evicted_total.inc()
             return
         raise ResourceExhaustedError("every resident session is in use; retry shortly", retry_after_ms=100)
 
@@ -621,6 +623,8 @@ class Engine:
                 position += len(chunk)
         record.position = position
         record.dirty = bool(journal)
+        if self.metrics is not None:
+            self.metrics.sessions_restored_total.inc()
 
     def _snapshot_of(self, record: _Session, with_state: bool, state: list[np.ndarray] | None = None) -> StoredSession:
         idle = time.monotonic() - record.last_used

@@ -8,11 +8,16 @@ INVALID_ARGUMENT before the servicer sees it. For client-streaming methods the r
 iterator raises `MalformedRequestError` (an InvalidArgumentError) where the bad message
 sits in the stream, after the code was set to INVALID_ARGUMENT. A handler that reads with
 `context.read()` instead (StreamSteps) gets the `Malformed` marker itself and must refuse it.
+
+The same wrapper holds the server to --max-concurrent-rpcs (instead of grpc's own limit,
+which refuses a call before any interceptor runs, so no metric ever saw the refusal) and
+reports the calls it answers itself (refused, malformed) to `record`, as the servicer does.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -55,33 +60,80 @@ async def _checked_requests(requests: AsyncIterator[Any], context: grpc.aio.Serv
         yield request
 
 
-def _wrap(behavior: Any, streaming_request: bool) -> Any:
-    """The behavior, refusing a Malformed request (or request stream entry) first; None if it cannot be wrapped."""
+Record = Callable[[str, grpc.StatusCode, float], None]  # (method, code, seconds) of a call answered here
+
+
+class _Limit:
+    """RPCs in flight, against the server's limit (all on the event loop thread: no lock)."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.running = 0
+
+
+async def _refuse_if_full(limit: _Limit, method: str, record: Record, context: grpc.aio.ServicerContext) -> None:
+    if limit.running >= limit.most:
+        record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0)
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"concurrent RPC limit reached: the server runs at most {limit.most} calls at once; "
+            "retry after a short backoff",
+            trailing_metadata=(("retry-after-ms", "50"),),
+        )
+
+
+async def _refuse_malformed(request: Malformed, method: str, record: Record, started: float,
+                            context: grpc.aio.ServicerContext) -> None:
+    record(method, grpc.StatusCode.INVALID_ARGUMENT, time.perf_counter() - started)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
+
+
+def _wrap(behavior: Any, streaming_request: bool, method: str, limit: _Limit, record: Record) -> Any:
+    """The behavior, refusing past the limit and a Malformed request (or request stream entry)
+    first; None if it cannot be wrapped."""
     if inspect.isasyncgenfunction(behavior):
 
         async def agen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if streaming_request:
-                request = _checked_requests(request, context)
-            elif isinstance(request, Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
-            async for response in behavior(request, context):
-                yield response
+            started = time.perf_counter()
+            await _refuse_if_full(limit, method, record, context)
+            limit.running += 1
+            try:
+                if streaming_request:
+                    request = _checked_requests(request, context)
+                elif isinstance(request, Malformed):
+                    await _refuse_malformed(request, method, record, started, context)
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                limit.running -= 1
 
         return agen
     if inspect.iscoroutinefunction(behavior):
 
         async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if streaming_request:
-                request = _checked_requests(request, context)
-            elif isinstance(request, Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
-            return await behavior(request, context)
+            started = time.perf_counter()
+            await _refuse_if_full(limit, method, record, context)
+            limit.running += 1
+            try:
+                if streaming_request:
+                    request = _checked_requests(request, context)
+                elif isinstance(request, Malformed):
+                    await _refuse_malformed(request, method, record, started, context)
+                return await behavior(request, context)
+            finally:
+                limit.running -= 1
 
         return coro
     return None  # a synchronous behavior: left as grpc built it
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Malformed requests and the concurrent-RPC limit (see the module's docstring)."""
+
+    def __init__(self, max_concurrent_rpcs: int, record: Record) -> None:
+        self.limit = _Limit(max_concurrent_rpcs)
+        self.record = record
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -90,6 +142,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
+        method = details.method.rsplit("/", 1)[-1]
         kw = {
             "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
@@ -101,6 +154,6 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             (handler.stream_stream, True, grpc.stream_stream_rpc_method_handler),
         ):
             if behavior is not None:
-                wrapped = _wrap(behavior, streaming_request)
+                wrapped = _wrap(behavior, streaming_request, method, self.limit, self.record)
                 return handler if wrapped is None else make(wrapped, **kw)
         return handler

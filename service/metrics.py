@@ -167,8 +167,18 @@ class Metrics:
         self.sessions_deleted_total = Counter(
             "lstm_sessions_deleted", "Sessions removed by DeleteSession.", registry=r
         )
+        self.sessions_evicted_total = Counter(
+            "lstm_sessions_evicted",
+            "Idle sessions moved off the device to the state store to make room (--max-resident-sessions).",
+            registry=r,
+        )
+        self.sessions_restored_total = Counter(
+            "lstm_sessions_restored", "Sessions brought back onto the device from the state store.", registry=r
+        )
         self.state_memory_bytes = Gauge(
-            "lstm_state_memory_bytes", "Memory held by the recurrent states of all sessions.", registry=r
+            "lstm_state_memory_bytes",
+            "Memory allocated for recurrent states (the state slab's capacity; it grows, never shrinks).",
+            registry=r,
         )
 
         # Model identity: one series of value 1 whose labels describe the served model.
@@ -206,11 +216,13 @@ class Metrics:
             dtype=dtype,
         ).set(1)
 
-    def record_request(self, method: str, code: Any, seconds: float) -> None:
-        """Count one finished RPC. `code` is a grpc.StatusCode or its name ("OK", "NOT_FOUND", ...)."""
+    def record_request(self, method: str, code: Any, seconds: float | None) -> None:
+        """Count one finished RPC. `code` is a grpc.StatusCode or its name ("OK", "NOT_FOUND", ...).
+        `seconds` None: counted only (a call refused before it ran has no duration worth a bucket)."""
         code_name = getattr(code, "name", None) or str(code)
         self.requests_total.labels(method=method, code=code_name).inc()
-        self.request_duration_seconds.labels(method=method).observe(seconds)
+        if seconds is not None:
+            self.request_duration_seconds.labels(method=method).observe(seconds)
 
     def metric_names(self) -> set[str]:
         """Every sample name this registry can expose (`lstm_requests_total`, `..._bucket`, ...).

@@ -54,7 +54,7 @@ from service.engine import (
 )
 from service.logs import configure_logging, short_id
 from service.malformed import Malformed, MalformedRequestError, MalformedRequestInterceptor
-from service.metrics import Metrics, start_metrics_http_server
+from service.metrics import METHODS, Metrics, start_metrics_http_server
 from service.state_store import SqliteStateStore, StateStoreError
 
 __version__ = "0.1.0"
@@ -178,7 +178,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         try:
             return await body()
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = _gone(context)
             raise
         except Exception as e:
             err = to_rpc_error(e)
@@ -198,8 +198,8 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         try:
             async for message in body:
                 yield message
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+        except (asyncio.CancelledError, GeneratorExit):  # (grpc closes the generator of a call that went away)
+            code = _gone(context)
             raise
         except Exception as e:
             err = to_rpc_error(e)
@@ -372,6 +372,12 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
                 position=token.position,
                 finish_reason=finish_of.get(token.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
             )
+
+
+def _gone(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status of a call that ended without an answer: its deadline passed, or it was cancelled."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
 
 class _StepStream:
@@ -548,9 +554,15 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     auth = TokenAuth(tokens) if tokens else None
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if auth is not None:
-        denied = lambda method: metrics.record_request(method, "UNAUTHENTICATED", 0.0)  # noqa: E731
+        denied = lambda method: metrics.record_request(method, "UNAUTHENTICATED", None)  # noqa: E731
         interceptors.append(AuthInterceptor(auth, denied))
-    interceptors.append(MalformedRequestInterceptor())  # innermost: after auth, before the servicer
+
+    def answered_early(method: str, code: grpc.StatusCode, seconds: float) -> None:
+        if method in METHODS:  # (not the health and reflection services)
+            metrics.record_request(method, code, None if code is grpc.StatusCode.RESOURCE_EXHAUSTED else seconds)
+
+    # Innermost: after auth, before the servicer.
+    interceptors.append(MalformedRequestInterceptor(config.max_concurrent_rpcs, answered_early))
     grpc_server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -558,7 +570,6 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             ("grpc.so_reuseport", 0),
         ],
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     server = LstmServer(config, engine, metrics, grpc_server)
     pb_grpc.add_LstmServiceServicer_to_server(LstmServicer(engine, config, metrics, auth), grpc_server)

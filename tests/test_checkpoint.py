@@ -16,6 +16,8 @@ from model.checkpoint import (
     WEIGHTS_FILE,
     CheckpointError,
     load_checkpoint,
+    model_identity,
+    read_meta,
     save_checkpoint,
     sha256_file,
     write_dir_atomically,
@@ -109,7 +111,21 @@ def test_model_json_fields(ckpt):
 
     loaded = load_checkpoint(ckpt)
     assert loaded.meta == meta
-    assert loaded.sha256 == meta["weights_sha256"]
+    assert loaded.sha256 == model_identity(meta) != meta["weights_sha256"]
+
+
+def test_the_identity_covers_the_vocabulary_and_config_not_only_the_weights(ckpt):
+    """Swapping two characters of the vocabulary keeps the weights' hash but is another model."""
+    before = load_checkpoint(ckpt).sha256
+    def swap(meta):
+        vocab = meta["vocab"]
+        vocab[0], vocab[1] = vocab[1], vocab[0]
+    edit_meta(ckpt, swap)
+    after = load_checkpoint(ckpt)
+    assert after.meta["weights_sha256"] == read_meta(ckpt)["weights_sha256"]
+    assert after.sha256 != before
+    edit_meta(ckpt, swap)
+    assert load_checkpoint(ckpt).sha256 == before
 
 
 def test_weights_are_float32_safetensors(ckpt):
@@ -310,7 +326,7 @@ def test_atomic_write_replaces_whole_directory(tmp_path):
 
 
 def test_failed_save_keeps_previous_checkpoint_loadable(ckpt, monkeypatch):
-    before = sha256_file(ckpt / WEIGHTS_FILE)
+    before = load_checkpoint(ckpt).sha256
     model, tok = make()
     with torch.no_grad():
         model.head.bias.add_(1.0)

@@ -64,3 +64,53 @@ def test_metrics_follow_real_traffic(tiny_checkpoint: Path) -> None:
     assert len(info) == 1 and dict(info[0][1])["cell_type"] == "lstm"
     # A session id is never a label.
     assert not any(sid in repr(k) for k in after for sid in ids)
+
+
+def test_calls_answered_without_a_result_are_counted_with_their_real_code(tiny_checkpoint: Path) -> None:
+    """A Generate the client cancels or lets expire, a call past --max-concurrent-rpcs and a
+    malformed message are counted under the status the client saw (not OK, not missing)."""
+    import time
+
+    with run_server(tiny_checkpoint, max_concurrent_rpcs=2) as srv:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            cancelled = stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=4000))
+            next(cancelled)
+            cancelled.cancel()
+            expired = stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=4000), timeout=0.3)
+            with pytest.raises(grpc.RpcError) as e:
+                list(expired)
+            assert e.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+            # Two streams held open fill the limit; the next call is refused.
+            other = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            held = [stub.Generate(pb.GenerateRequest(session_id=s, max_tokens=4000)) for s in (sid, other)]
+            for call in held:
+                next(call)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "concurrent RPC limit" in (refused.value.details() or "")
+            for call in held:
+                call.cancel()
+
+            malformed = channel.unary_unary("/lstmserve.v1.LstmService/Step")
+            for _ in range(50):  # the limit's slots come back once the cancellations reach the server
+                try:
+                    malformed(b"\x0a\x02\xff\xfe", timeout=10)  # session_id: invalid UTF-8
+                except grpc.RpcError as err:
+                    if err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        time.sleep(0.1)
+                        continue
+                    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT
+                    break
+        time.sleep(0.5)  # the cancelled calls' handlers finish on the server
+        samples = scrape(srv.metrics_port)
+        assert value(samples, "lstm_requests_total", method="Generate", code="CANCELLED") >= 3
+        assert value(samples, "lstm_requests_total", method="Generate", code="DEADLINE_EXCEEDED") == 1
+        assert value(samples, "lstm_requests_total", method="Generate", code="OK") == 0
+        assert value(samples, "lstm_requests_total", method="GetModelInfo", code="RESOURCE_EXHAUSTED") == 1
+        assert value(samples, "lstm_requests_total", method="Step", code="INVALID_ARGUMENT") == 1
+        # Refused before they ran: counted, but no duration observed.
+        assert value(samples, "lstm_request_duration_seconds_count", method="GetModelInfo") == 0

@@ -37,6 +37,8 @@ EXPECTED = {  # family name (as the parser reports it) -> type
     "lstm_sessions_created": "counter",
     "lstm_sessions_expired": "counter",
     "lstm_sessions_deleted": "counter",
+    "lstm_sessions_evicted": "counter",
+    "lstm_sessions_restored": "counter",
     "lstm_state_memory_bytes": "gauge",
     "lstm_model_info": "gauge",
 }
@@ -69,6 +71,8 @@ def busy_metrics() -> Metrics:
     m.sessions_created_total.inc(5)
     m.sessions_expired_total.inc()
     m.sessions_deleted_total.inc()
+    m.sessions_evicted_total.inc()
+    m.sessions_restored_total.inc()
     m.state_memory_bytes.set(4 * 2 * 2 * 512 * 4)
     return m
 
@@ -138,6 +142,14 @@ def test_record_request_accepts_grpc_status_codes() -> None:
     m.record_request("Generate", grpc.StatusCode.RESOURCE_EXHAUSTED, 0.5)
     fams = families(m)
     assert sample(fams, "lstm_requests", "lstm_requests_total", method="Generate", code="RESOURCE_EXHAUSTED") == 1
+
+
+def test_a_call_refused_before_it_ran_is_counted_without_a_duration() -> None:
+    m = Metrics()
+    m.record_request("Step", "UNAUTHENTICATED", None)
+    fams = families(m)
+    assert sample(fams, "lstm_requests", "lstm_requests_total", method="Step", code="UNAUTHENTICATED") == 1
+    assert sample(fams, "lstm_request_duration_seconds", "lstm_request_duration_seconds_count", method="Step") == 0
 
 
 def test_names_prefix_units_and_no_session_label() -> None:

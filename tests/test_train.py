@@ -229,6 +229,44 @@ def test_resume_of_missing_run_fails_cleanly(tmp_path, capsys):
     assert "cannot resume" in capsys.readouterr().err
 
 
+def test_resume_refuses_options_it_would_ignore_and_another_corpus(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_module, "plot_losses", lambda *a: None)
+    data = corpus_slice(tmp_path / "slice.txt", 3_000)
+    run = tmp_path / "run"
+    args = list(RESUME_ARGS)
+    args[args.index("--max-steps") + 1] = "2"
+    assert main(["--data", str(data), "--out", str(run), *args]) == 0
+    before = sha256_file(run / "resume" / WEIGHTS_FILE)
+    capsys.readouterr()
+
+    assert main(["--resume", str(run), "--lr", "0.5", "--clip-mode", "value", "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot change --clip-mode, --lr" in err and "--max-steps" in err  # named, and what may change
+    assert main(["--resume", str(run), "--lr", "0.002", "--max-steps", "2"]) == 0  # the value it has: fine
+
+    text = data.read_text()
+    data.write_text(text[1:] + text[0])  # same length and characters, another corpus
+    assert main(["--resume", str(run), "--max-steps", "3"]) == 2
+    assert "not the corpus the run was trained on" in capsys.readouterr().err
+    assert sha256_file(run / "resume" / WEIGHTS_FILE) == before  # nothing was trained
+
+
+def test_resume_into_another_directory_carries_the_best_checkpoint_and_metrics(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "plot_losses", lambda *a: None)
+    data = corpus_slice(tmp_path / "slice.txt", 3_000)
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = list(RESUME_ARGS)
+    args[args.index("--max-steps") + 1] = "6"
+    assert main(["--data", str(data), "--out", str(a), "--time-budget", "1e-9", *args]) == 0
+    for _ in range(4):  # to step 5: its evaluation writes a/best
+        assert main(["--resume", str(a), "--time-budget", "1e-9"]) == 0
+    assert (a / "best").is_dir()
+    assert main(["--resume", str(a), "--out", str(b)]) == 0
+    assert (b / "best" / WEIGHTS_FILE).is_file()
+    steps = [r["step"] for r in read_metrics(b) if r["kind"] == "train"]
+    assert steps == list(range(1, 7))  # the whole history, not only the resumed steps
+
+
 def grads_of_tiny_model(scale: float) -> list[torch.nn.Parameter]:
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=11, embedding_size=8, hidden_size=16, num_layers=2))
