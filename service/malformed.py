@@ -71,15 +71,14 @@ class _Limit:
         self.running = 0
 
 
-async def _refuse_if_full(limit: _Limit, method: str, record: Record, context: grpc.aio.ServicerContext) -> None:
-    if limit.running >= limit.most:
-        record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0)
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"concurrent RPC limit reached: the server runs at most {limit.most} calls at once; "
-            "retry after a short backoff",
-            trailing_metadata=(("retry-after-ms", "50"),),
-        )
+async def _refuse(limit: _Limit, method: str, record: Record, context: grpc.aio.ServicerContext) -> None:
+    record(method, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.0)
+    await context.abort(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"concurrent RPC limit reached: the server runs at most {limit.most} calls at once; "
+        "retry after a short backoff",
+        trailing_metadata=(("retry-after-ms", "50"),),
+    )
 
 
 async def _refuse_malformed(request: Malformed, method: str, record: Record, started: float,
@@ -95,7 +94,8 @@ def _wrap(behavior: Any, streaming_request: bool, method: str, limit: _Limit, re
 
         async def agen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            await _refuse_if_full(limit, method, record, context)
+            if limit.running >= limit.most:  # (checked here: no coroutine per call on the common path)
+                await _refuse(limit, method, record, context)
             limit.running += 1
             try:
                 if streaming_request:
@@ -112,7 +112,8 @@ def _wrap(behavior: Any, streaming_request: bool, method: str, limit: _Limit, re
 
         async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
-            await _refuse_if_full(limit, method, record, context)
+            if limit.running >= limit.most:  # (checked here: no coroutine per call on the common path)
+                await _refuse(limit, method, record, context)
             limit.running += 1
             try:
                 if streaming_request:
