@@ -165,10 +165,18 @@ def token_pool(kind: str, vocab: list[str], seed: int) -> np.ndarray:
 
 
 class Recorder:
-    def __init__(self, warm_end: float, max_requests: int) -> None:
+    """Latencies of the requests sent after the warm-up; throughput from what completed inside
+    the measured window [warm_end, window_end), whoever sent it (a request sent in the warm-up
+    and answered in the window is work the server did in the window; one sent near the end and
+    answered after it is not), so the count and the time it is divided by cover the same span."""
+
+    def __init__(self, warm_end: float, max_requests: int, window_end: float) -> None:
         self.warm_end = warm_end
         self.max_requests = max_requests
+        self.window_end = window_end  # the deadline, or earlier once the request bound is spent
         self.sent = 0  # measured requests sent (for the count bound)
+        self.done_at: list[float] = []  # completion times after warm_end (requests)
+        self.tokens_at: list[tuple[float, int]] = []  # (arrival time, tokens) after warm_end
         self.latencies: list[float] = []
         self.ttft: list[float] = []
         self.itl: list[float] = []
@@ -176,7 +184,6 @@ class Recorder:
         self.requests = 0
         self.tokens = 0
         self.warmup_requests = 0
-        self.last_done = warm_end
         self.errors: Counter[str] = Counter()
         self.warmup_errors: Counter[str] = Counter()
 
@@ -186,19 +193,28 @@ class Recorder:
     def take(self) -> bool:
         """Count one measured request against the request bound; False once it is spent."""
         if self.max_requests and self.sent >= self.max_requests:
+            self.window_end = min(self.window_end, now())  # from here on fewer sessions send
             return False
         self.sent += 1
         return True
 
-    def ok(self, t_send: float, t_done: float, n_tokens: int, measured: bool) -> None:
+    def arrived(self, t: float, n_tokens: int) -> None:
+        """Tokens that reached the client at t (for throughput)."""
+        if t >= self.warm_end:
+            self.tokens_at.append((t, n_tokens))
+
+    def ok(self, t_send: float, t_done: float, n_tokens: int, measured: bool, tokens_arrived: bool = False) -> None:
+        """A request answered at t_done; `tokens_arrived`: its tokens were reported one by one."""
+        if t_done >= self.warm_end:
+            self.done_at.append(t_done)
+            if not tokens_arrived:
+                self.tokens_at.append((t_done, n_tokens))
         if not measured:
             self.warmup_requests += 1
             return
         self.latencies.append(t_done - t_send)
         self.requests += 1
         self.tokens += n_tokens
-        if t_done > self.last_done:
-            self.last_done = t_done
 
     def error(self, code: str, measured: bool) -> None:
         (self.errors if measured else self.warmup_errors)[code] += 1
@@ -238,6 +254,11 @@ async def _closed_session(
                 call = None
                 await asyncio.sleep(0.01)
                 continue
+            except asyncio.CancelledError:  # the run's time is up (see run_load): the server never answered
+                rec.error("DRAIN_TIMEOUT", measured)
+                call.cancel()
+                call = None
+                raise
             rec.ok(t0, now(), len(resp.outputs), measured)
     finally:
         if call is not None:
@@ -389,11 +410,16 @@ async def _generate_session(
                     gaps.append(t - prev)
                 prev = t
                 n += 1
+                rec.arrived(t, 1)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
             rec.error(_code(e), measured)
             await asyncio.sleep(0.01)
             continue
-        rec.ok(t0, prev, n, measured)
+        except asyncio.CancelledError:  # the run's time is up (see run_load)
+            rec.error("DRAIN_TIMEOUT", measured)
+            call.cancel()
+            raise
+        rec.ok(t0, prev, n, measured, tokens_arrived=True)
         if measured and first is not None:
             rec.ttft.append(first - t0)
             rec.itl.extend(gaps)
@@ -421,9 +447,9 @@ async def create_sessions(stubs: list[pb_grpc.LstmServiceStub], n: int, batch: i
     return ids
 
 
-async def delete_sessions(stubs: list[pb_grpc.LstmServiceStub], ids: list[str]) -> None:
+async def delete_sessions(stubs: list[pb_grpc.LstmServiceStub], ids: list[str], timeout: float = 60) -> None:
     await _gather_in_batches(
-        [stubs[i % len(stubs)].DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=60)
+        [stubs[i % len(stubs)].DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=timeout)
          for i, sid in enumerate(ids)]
     )
 
@@ -449,6 +475,13 @@ def model_info_dict(info: Any) -> dict[str, Any]:
         "max_batch_tokens": info.limits.max_batch_tokens,
         "server_version": info.server_version,
     }
+
+
+async def _until(seconds: float, sessions: Any) -> None:
+    try:
+        await asyncio.wait_for(sessions, timeout=max(seconds, 0.0))
+    except asyncio.TimeoutError:
+        pass  # cancelled: each session counted what it was still waiting for
 
 
 async def run_load(spec: LoadSpec) -> dict[str, Any]:
@@ -478,24 +511,30 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
             cpu0 = time.process_time()
             warm_end = start + spec.warmup
             deadline = warm_end + spec.duration
-            rec = Recorder(warm_end, spec.max_requests)
+            rec = Recorder(warm_end, spec.max_requests, deadline)
             session_stubs = [stubs[i % len(stubs)] for i in range(len(ids))]
+            # Bounded in time even if the server stops answering: past the deadline and two drain
+            # timeouts the sessions are cancelled and their unanswered requests count as errors.
+            # (The open loop bounds its own reads in _OpenSession.finish.)
+            time_up = deadline - now() + 2 * spec.drain_timeout
             if spec.mode == "closed":
-                await asyncio.gather(*(_closed_session(st, sid, src, spec, rec, deadline)
-                                       for st, sid, src in zip(session_stubs, ids, sources)))
+                await _until(time_up, asyncio.gather(*(_closed_session(st, sid, src, spec, rec, deadline)
+                                                       for st, sid, src in zip(session_stubs, ids, sources))))
             elif spec.mode == "open":
                 open_sessions = [_OpenSession(st, sid, src, spec, rec)
                                  for st, sid, src in zip(session_stubs, ids, sources)]
                 await _open_loop(open_sessions, spec, rec, start, deadline)
             else:
-                await asyncio.gather(*(_generate_session(st, sid, src, spec, rec, deadline, spec.seed * 100_003 + i)
-                                       for i, (st, sid, src) in enumerate(zip(session_stubs, ids, sources))))
+                await _until(time_up, asyncio.gather(
+                    *(_generate_session(st, sid, src, spec, rec, deadline, spec.seed * 100_003 + i)
+                      for i, (st, sid, src) in enumerate(zip(session_stubs, ids, sources)))
+                ))
             end = now()
             cpu = time.process_time() - cpu0
         finally:
             gc.set_threshold(*thresholds)
             gc.unfreeze()
-            await delete_sessions(stubs, ids)
+            await delete_sessions(stubs, ids, timeout=spec.drain_timeout)
     finally:
         for ch in channels:
             await ch.close()
@@ -503,7 +542,9 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
 
 
 def _result(spec: LoadSpec, rec: Recorder, info: Any, start: float, end: float, cpu: float) -> dict[str, Any]:
-    window = max(rec.last_done - rec.warm_end, 0.0) if rec.requests else 0.0
+    window = max(rec.window_end - rec.warm_end, 0.0)
+    done_in_window = sum(1 for t in rec.done_at if t < rec.window_end)
+    tokens_in_window = sum(n for t, n in rec.tokens_at if t < rec.window_end)
     spec_d = asdict(spec)
     return {
         "kind": "load",
@@ -522,8 +563,8 @@ def _result(spec: LoadSpec, rec: Recorder, info: Any, start: float, end: float, 
         "requests": rec.requests,
         "tokens": rec.tokens,
         "warmup_requests": rec.warmup_requests,
-        "tokens_per_s": rec.tokens / window if window > 0 else 0.0,
-        "requests_per_s": rec.requests / window if window > 0 else 0.0,
+        "tokens_per_s": tokens_in_window / window if window > 0 else 0.0,
+        "requests_per_s": done_in_window / window if window > 0 else 0.0,
         "latency_ms": summarize_ms(rec.latencies),
         "latency_cdf_ms": cdf_points_ms(rec.latencies),
         "ttft_ms": summarize_ms(rec.ttft),
