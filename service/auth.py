@@ -35,7 +35,12 @@ def load_tokens(path: str = "", inline: str = "") -> dict[bytes, str]:
             raise AuthConfigError(f"{where}: token for {principal!r} is shorter than 16 characters")
         if not principal:
             raise AuthConfigError(f"{where}: a token has no principal name")
-        tokens[_digest(token)] = principal
+        digest = _digest(token)
+        if digest in tokens:  # two owners for one token: whichever won, the other loses its sessions
+            raise AuthConfigError(
+                f"{where}: this token is already listed (for {tokens[digest]!r}); tokens must be unique"
+            )
+        tokens[digest] = principal
 
     if path:
         try:
@@ -55,6 +60,8 @@ def load_tokens(path: str = "", inline: str = "") -> dict[bytes, str]:
         if not sep:
             raise AuthConfigError("inline auth tokens must be 'PRINCIPAL:TOKEN,...'")
         add(token, principal, "inline auth tokens")
+    if (path or inline.strip()) and not tokens:  # asked for authentication, got none: never run open
+        raise AuthConfigError(f"{path or 'inline auth tokens'}: no tokens found; authentication would be off")
     return tokens
 
 

@@ -109,6 +109,13 @@ class FailedPreconditionError(EngineError):
 # log-probabilities and the hidden state of a 2x512 model) is ~10 MB.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
+# Memory for the replay cache (each session's most recent step result, for a retry of it):
+# results of more than REPLAY_UNTRACKED_TOKENS tokens, or with log-probabilities or hidden
+# states, count against this budget and the oldest are dropped past it (a retry of a dropped
+# one gets ABORTED naming the position, as any conflict). Small ones (~1 KB) are not counted.
+REPLAY_CACHE_BYTES = 256 * 1024 * 1024
+REPLAY_UNTRACKED_TOKENS = 16
+
 REGROUP_SHARE_OF_STEP = 0.5
 REGROUP_SECONDS_PER_ANSWER = 0.0002  # ~what the RPC layer on 2 cores needs to answer a session and read it back
 REGROUP_MIN_HOLD_SECONDS = 0.020
@@ -321,6 +328,9 @@ class Engine:
         self._answered: list[str] = []
         # Sessions read (GetSession, on the event loop) since the last snapshot: their expiry moved.
         self._touched: deque[str] = deque()
+        # Replay cache entries counted against REPLAY_CACHE_BYTES, oldest first (engine thread only).
+        self._replay_sizes: OrderedDict[str, int] = OrderedDict()
+        self._replay_bytes = 0
         self._last_step_end = 0.0
         self._last_step_seconds = 0.0
         self._return_rate = 1.0  # moving average of the share of waited-for sessions that came back
@@ -505,7 +515,7 @@ class Engine:
             if record.slot >= 0:
                 self.runner.zero(record.slot)
             record.position = 0
-            record.last_step = None
+            self._set_last_step(record, None)
             record.last_used = time.monotonic()
             if self.store is not None:
                 try:
@@ -536,6 +546,36 @@ class Engine:
         result: SessionInfo = await self._in_session_order(session_key(owner, session_id), fork)
         return result
 
+    def _set_last_step(self, record: _Session, entry: tuple[int, tuple[int, ...], StepResult] | None) -> None:
+        """Set a session's replay entry, within REPLAY_CACHE_BYTES (engine thread)."""
+        old = self._replay_sizes.pop(record.key, 0)
+        self._replay_bytes -= old
+        record.last_step = entry
+        if entry is None:
+            return
+        result = entry[2]
+        if len(entry[1]) <= REPLAY_UNTRACKED_TOKENS and result.logprobs is None and result.hidden is None:
+            return
+        arrays = (result.top_tokens, result.top_logprobs, result.logprobs, result.hidden)
+        size = 16 * len(entry[1]) + sum(a.nbytes for a in arrays if a is not None)
+        self._replay_sizes[record.key] = size
+        self._replay_bytes += size
+        while self._replay_bytes > REPLAY_CACHE_BYTES:
+            key, dropped = self._replay_sizes.popitem(last=False)
+            self._replay_bytes -= dropped
+            victim = self._sessions.get(key)
+            if victim is not None:
+                victim.last_step = None
+
+    def response_bytes(self, n_tokens: int, options: StepOptions) -> int:
+        """About how large the response to a step of n_tokens with these options is."""
+        per_token = 16 + 9 * options.top_k  # token, framing, top-k ids and log-probabilities
+        if options.want_logprobs:
+            per_token += 4 * self._vocab_size + 6
+        if options.want_hidden:
+            per_token += 4 * self.runner.config.hidden_size + 6
+        return n_tokens * per_token
+
     def _remove(self, record: _Session) -> None:
         if record.key in self._sessions:
             if self.store is not None:  # first: if it fails the session stays as it was
@@ -544,6 +584,7 @@ class Engine:
                 except Exception as e:
                     raise _store_unavailable("delete the session", e) from None
             del self._sessions[record.key]
+            self._set_last_step(record, None)
             if record.slot >= 0:
                 self._release_slot(record)
             if len(self._expiry) > 2 * len(self._sessions) + 1024:  # drop entries of removed sessions
@@ -788,13 +829,9 @@ class Engine:
 
     def _check_response_size(self, n_tokens: int, options: StepOptions) -> None:
         """Refuse, before it is applied, a step whose response could not be sent."""
-        per_token = 16 + 9 * options.top_k  # token, framing, top-k ids and log-probabilities
-        if options.want_logprobs:
-            per_token += 4 * self._vocab_size + 6
-        if options.want_hidden:
-            per_token += 4 * self.runner.config.hidden_size + 6
-        size = n_tokens * per_token
+        size = self.response_bytes(n_tokens, options)
         if size > MAX_RESPONSE_BYTES:
+            per_token = size // n_tokens
             raise InvalidArgumentError(
                 f"the response to {n_tokens} tokens with return_logprobs/return_hidden would be about "
                 f"{size / 2**20:.0f} MiB, over the {MAX_RESPONSE_BYTES // 2**20} MiB the server sends; "
@@ -1152,7 +1189,8 @@ class Engine:
                 journal.append(JournalEntry(record.key, record.position, applied))
             if row.sample:
                 record.position += 1
-                record.last_step = None
+                if record.last_step is not None:
+                    self._set_last_step(record, None)
                 generated += 1
                 self._emit_token(item, job, record, out, finished_at, deliveries)
                 continue
@@ -1162,10 +1200,17 @@ class Engine:
                 job.parts.append(out)
                 if item.done + row.num_tokens == len(item.tokens):
                     result = _join_step(record.session_id, record.position, item.tokens, job.parts)
-                    record.last_step = (job.start_position, tuple(item.tokens), result)
+                    entry = (job.start_position, tuple(item.tokens), result)
+                    if (  # the common small result, not yet counted: no bookkeeping (once per row per step)
+                        len(item.tokens) <= REPLAY_UNTRACKED_TOKENS and result.logprobs is None
+                        and result.hidden is None and record.key not in self._replay_sizes
+                    ):
+                        record.last_step = entry
+                    else:
+                        self._set_last_step(record, entry)
                     deliveries.append((_set_result, (job.future, result)))
-            else:
-                record.last_step = None
+            elif record.last_step is not None:
+                self._set_last_step(record, None)
 
         if journal:
             assert self.store is not None

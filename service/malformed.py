@@ -23,7 +23,12 @@ from typing import Any
 
 import grpc
 
+from service.auth import OPEN_METHOD_PREFIXES
 from service.engine import InvalidArgumentError
+
+# Calls to the open (unauthenticated) health service have a small limit of their own, so that
+# callers without a token cannot use up --max-concurrent-rpcs (e.g. with Watch streams).
+MAX_OPEN_CALLS = 64
 
 
 class MalformedRequestError(InvalidArgumentError):
@@ -133,6 +138,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, max_concurrent_rpcs: int, record: Record) -> None:
         self.limit = _Limit(max_concurrent_rpcs)
+        self.open_limit = _Limit(min(MAX_OPEN_CALLS, max_concurrent_rpcs))
         self.record = record
 
     async def intercept_service(
@@ -155,6 +161,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             (handler.stream_stream, True, grpc.stream_stream_rpc_method_handler),
         ):
             if behavior is not None:
-                wrapped = _wrap(behavior, streaming_request, method, self.limit, self.record)
+                limit = self.open_limit if details.method.startswith(OPEN_METHOD_PREFIXES) else self.limit
+                wrapped = _wrap(behavior, streaming_request, method, limit, self.record)
                 return handler if wrapped is None else make(wrapped, **kw)
         return handler

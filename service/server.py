@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -80,6 +81,9 @@ T = TypeVar("T")
 # back on a client that pipelines without reading, and one stream cannot fill the engine's
 # queue (max_queued_tokens) for everyone else.
 MAX_STREAM_IN_FLIGHT = 1024
+# And about this many bytes of answers: a client that sends large requests (log-probabilities,
+# hidden states) and never reads must not make the server hold a thousand answers for it.
+MAX_STREAM_PENDING_BYTES = 64 * 1024 * 1024
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -392,8 +396,9 @@ class _StepStream:
         self.servicer = servicer
         self.context = context
         self.owner = servicer.principal(context)
-        # (engine future, scheduler item) of each submitted request not yet answered, in order
-        self.inflight: deque[tuple[asyncio.Future[StepResult], Any]] = deque()
+        # (engine future, scheduler item, its answer's size) of each request not yet answered, in order
+        self.inflight: deque[tuple[asyncio.Future[StepResult], Any, int]] = deque()
+        self.pending_bytes = 0  # about how large the answers in `inflight` are
         self.reading = True  # the reader task has not ended
         self.error: Exception | None = None  # why the reader ended early (a bad or malformed request)
         self.waiter: asyncio.Future[None] | None = None  # set while run() sleeps with nothing in flight
@@ -417,10 +422,12 @@ class _StepStream:
                 future, item = engine.submit_step(
                     self.owner, request.session_id, tokens, expected, options, self.group
                 )
-                self.inflight.append((future, item))
+                size = engine.response_bytes(len(tokens), options)
+                self.inflight.append((future, item, size))
+                self.pending_bytes += size
                 if self.waiter is not None and len(self.inflight) == 1:
                     future.add_done_callback(self._wake)  # wake run() when the answer is ready, not before
-                if len(self.inflight) >= MAX_STREAM_IN_FLIGHT:
+                if len(self.inflight) >= MAX_STREAM_IN_FLIGHT or self.pending_bytes >= MAX_STREAM_PENDING_BYTES:
                     self.room = asyncio.get_running_loop().create_future()
                     try:
                         await self.room
@@ -448,7 +455,7 @@ class _StepStream:
                         self.waiter = None
                     continue
                 result = await self.inflight[0][0]
-                self.inflight.popleft()
+                self.pending_bytes -= self.inflight.popleft()[2]
                 if self.room is not None and not self.room.done():
                     self.room.set_result(None)
                 await self.context.write(_step_response(result))
@@ -457,7 +464,7 @@ class _StepStream:
         finally:
             reader.cancel()
             scheduler = self.servicer.engine.scheduler
-            for future, item in self.inflight:
+            for future, item, _ in self.inflight:
                 if future.done() and not future.cancelled():
                     future.exception()  # retrieved: no "Future exception was never retrieved"
                 else:
@@ -512,11 +519,16 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _read(path: str) -> bytes:
+def _read(path: str, pem: str = "") -> bytes:
+    """A file's bytes; with `pem`, refused unless it holds a PEM block of that kind (grpc would
+    only fail at bind time, naming the port, or take an empty CA bundle and refuse every client)."""
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise StartupError(f"{path}: cannot read ({e.strerror})") from None
+    if pem and not re.search(rb"-----BEGIN [A-Z ]*" + pem.encode() + rb"-----", data):
+        raise StartupError(f"{path}: not a PEM file with a {pem} (-----BEGIN ...{pem}-----)")
+    return data
 
 
 class StartupError(Exception):
@@ -581,11 +593,15 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     address = f"{config.host}:{config.port}"
     if config.tls_cert:
         credentials = grpc.ssl_server_credentials(
-            [(_read(config.tls_key), _read(config.tls_cert))],
-            root_certificates=_read(config.tls_client_ca) if config.tls_client_ca else None,
+            [(_read(config.tls_key, "PRIVATE KEY"), _read(config.tls_cert, "CERTIFICATE"))],
+            root_certificates=_read(config.tls_client_ca, "CERTIFICATE") if config.tls_client_ca else None,
             require_client_auth=bool(config.tls_client_ca),
         )
-        port = grpc_server.add_secure_port(address, credentials)
+        try:
+            port = grpc_server.add_secure_port(address, credentials)
+        except RuntimeError as e:  # grpc reports a key that does not match its certificate here
+            raise StartupError(f"{config.tls_cert} / {config.tls_key}: TLS setup failed ({e}); "
+                               "check that the key belongs to the certificate") from None
     else:
         port = grpc_server.add_insecure_port(address)
     if port == 0:
@@ -606,10 +622,13 @@ async def serve(config: ServerConfig) -> int:
         return 2  # (the process ends: nothing of the half-started server outlives it)
     info = server.engine.checkpoint
     log.info(
-        "serving %s (%s %dx%d, sha256 %s…) on %s:%d, metrics on :%s, device %s %s, event loop %s, "
+        "serving %s (%s %dx%d, sha256 %s…) on %s:%d (%s, %s), metrics on :%s, device %s %s, event loop %s, "
         "GRPC_EXPERIMENTS=%s",
         info.path, info.config.cell_type, info.config.num_layers, info.config.hidden_size, info.sha256[:12],
-        config.host, port, server.metrics_port, server.engine.device.type, config.dtype, eventloop.loop_name(),
+        config.host, port,
+        ("mutual TLS" if config.tls_client_ca else "TLS") if config.tls_cert else "plaintext",
+        "bearer tokens required" if config.auth_tokens or config.auth_tokens_inline.strip() else "no authentication",
+        server.metrics_port, server.engine.device.type, config.dtype, eventloop.loop_name(),
         os.environ.get("GRPC_EXPERIMENTS", ""),
     )
     if config.port_file:

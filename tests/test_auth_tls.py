@@ -153,7 +153,13 @@ def test_bad_auth_config_refuses_to_start(tiny_checkpoint: Path, tmp_path: Path)
     short.write_text(f"{ALICE_TOKEN} alice\ntooshort bob\n")
     three = tmp_path / "three"
     three.write_text(f"# ok\n{ALICE_TOKEN} alice extra\n")
+    empty = tmp_path / "empty"  # e.g. a secret mount that was never filled: authentication must not go off
+    empty.write_text("# tokens go here\n\n")
+    twice = tmp_path / "twice"
+    twice.write_text(f"{ALICE_TOKEN} alice\n{ALICE_TOKEN} bob\n")
     cases = {
+        "empty": (["--auth-tokens", str(empty)], {}, f"{empty}: no tokens found; authentication would be off"),
+        "twice": (["--auth-tokens", str(twice)], {}, f"{twice}:2: this token is already listed (for 'alice')"),
         "missing": (["--auth-tokens", str(tmp_path / "nope")], {}, f"{tmp_path / 'nope'}: cannot read auth tokens"),
         "short": (["--auth-tokens", str(short)], {}, f"{short}:2: token for 'bob' is shorter than 16 characters"),
         "three-fields": (["--auth-tokens", str(three)], {}, f"{three}:2: expected 'TOKEN PRINCIPAL'"),
@@ -303,6 +309,47 @@ def test_unreadable_tls_files_refuse_to_start(tiny_checkpoint: Path, tmp_path: P
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{tmp_path / 'missing.key'}: cannot read" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tls_files_that_are_not_pem_refuse_to_start_naming_the_file(tiny_checkpoint: Path, tmp_path: Path,
+                                                                     pki) -> None:
+    _, d = pki
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("this is not a certificate\n")
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    cases = [
+        (["--tls-cert", str(not_pem), "--tls-key", str(d / "server_key.pem")], f"{not_pem}: not a PEM file"),
+        (["--tls-cert", str(d / "server_cert.pem"), "--tls-key", str(not_pem)], f"{not_pem}: not a PEM file"),
+        (["--tls-cert", str(d / "server_cert.pem"), "--tls-key", str(d / "server_key.pem"),
+          "--tls-client-ca", str(empty)], f"{empty}: not a PEM file"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "service.server", "--checkpoint", str(tiny_checkpoint), "--port", "0",
+             "--metrics-port", "-1", "--durability", "none", *args],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_open_health_calls_cannot_use_up_the_limit_of_authenticated_calls(tiny_checkpoint: Path) -> None:
+    from service.malformed import MAX_OPEN_CALLS
+
+    with run_server(tiny_checkpoint, auth_tokens_inline=f"alice:{ALICE_TOKEN}", max_concurrent_rpcs=4) as srv, \
+            grpc.insecure_channel(srv.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(min(MAX_OPEN_CALLS, 4))]
+        for watch in watches:
+            next(watch)  # each is open and answered
+        with pytest.raises(grpc.RpcError) as refused:
+            health.Check(health_pb2.HealthCheckRequest())  # the open calls' own limit is full
+        assert refused.value.code() is Code.RESOURCE_EXHAUSTED
+        stub = pb_grpc.LstmServiceStub(channel)
+        assert stub.CreateSession(pb.CreateSessionRequest(), metadata=bearer(ALICE_TOKEN)).session.position == 0
+        for watch in watches:
+            watch.cancel()
 
 
 # ---- logs ---------------------------------------------------------------------------------------------

@@ -215,3 +215,64 @@ def test_a_delete_racing_a_stream_leaves_other_sessions_alone(tiny_checkpoint: P
                 t.join(60)
             assert results[other] == [2 * (i + 1) for i in range(300)]
             assert results[doomed] in (grpc.StatusCode.NOT_FOUND, [2 * (i + 1) for i in range(300)])
+
+
+def test_the_replay_cache_is_held_to_its_byte_budget_oldest_dropped_first(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each session keeps its last step's result for a retry; large ones (log-probabilities)
+    count against REPLAY_CACHE_BYTES, and past it the oldest is dropped (its retry then gets
+    ABORTED naming the position, as any conflict) instead of memory growing per session."""
+    import service.engine
+
+    monkeypatch.setattr(service.engine, "REPLAY_CACHE_BYTES", 1_000_000)
+    with run_server(tiny_checkpoint) as srv:
+        channel, stub = stub_for(srv.target)
+        with channel:
+            sids = [stub.CreateSession(pb.CreateSessionRequest()).session.session_id for _ in range(3)]
+            steps = [pb.StepRequest(session_id=s, text="a" * 1500, expected_position=0, return_logprobs=True)
+                     for s in sids]  # ~390 kB of log-probabilities each
+            for step in steps:
+                stub.Step(step)
+            assert 0 < srv.engine._replay_bytes <= 1_000_000
+            assert len(stub.Step(steps[2]).outputs) == 1500  # the newest: replayed
+            with pytest.raises(grpc.RpcError) as dropped:
+                stub.Step(steps[0])  # the oldest: dropped from the cache, and not applied twice
+            assert dropped.value.code() is grpc.StatusCode.ABORTED
+            assert settled_position(stub, sids[0]) == 1500
+            for sid in sids:
+                stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+            assert srv.engine._replay_bytes == 0
+
+
+async def test_a_stream_that_never_reads_large_answers_is_held_to_a_byte_bound(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    import service.server
+
+    per_answer = 200 * (16 + 9 * 5 + 4 * 65 + 6)  # engine.response_bytes of one request below
+    monkeypatch.setattr(service.server, "MAX_STREAM_PENDING_BYTES", 3 * per_answer)
+    with run_server(tiny_checkpoint, max_chunk_tokens=1) as srv:
+        engine = srv.engine
+        async with grpc.aio.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = (await stub.CreateSession(pb.CreateSessionRequest())).session.session_id
+            request = pb.StepRequest(session_id=sid, text="b" * 200, return_logprobs=True)
+            call = stub.StreamSteps(iter([request] * 12))
+            most = 0
+
+            async def watch() -> None:
+                nonlocal most
+                while True:
+                    most = max(most, engine.scheduler.queued_items + len(engine._inbox))
+                    await asyncio.sleep(0.001)
+
+            watcher = asyncio.create_task(watch())
+            try:
+                positions = [(await call.read()).position for _ in range(12)]
+            finally:
+                watcher.cancel()
+            assert positions == [200 * (i + 1) for i in range(12)]
+            assert 2 <= most <= 3, most  # pipelined, but never more answers pending than the bound
