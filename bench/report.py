@@ -442,7 +442,8 @@ def render_sweep(sweep: dict[str, Any], img_prefix: str = "img/") -> str:
         f"answer arrives. Every cell runs {fmt(cfg['warmup'], 1)} s of warm-up (excluded) and then "
         f"{fmt(cfg['duration'], 1)} s measured"
         + (f" or {cfg['max_requests']:,} requests, whichever ends first" if cfg.get("max_requests") else "")
-        + ". Tokens are random ids; top_k = 5 per token.",
+        + ". Tokens are random ids; top_k = 5 per token. Throughput counts the answers (tokens) received "
+        "within the measured window, divided by its length; latencies are those of the requests sent in it.",
         "- Open loop: Poisson arrivals at a fixed aggregate rate spread over the sessions; latency is measured "
         "from the scheduled send time, so queueing anywhere is counted.",
         "- Offline: `service.runner.ModelRunner.execute` in a process of its own (same CPUs and threads as the "
