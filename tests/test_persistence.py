@@ -145,7 +145,8 @@ def chunk_boundaries(tokens: list[int], seed: int) -> set[int]:
 def test_crash_kill9_resumes_after_last_acknowledged_token(tiny_checkpoint: Path, offline, tmp_path: Path,
                                                             mode: str) -> None:
     tok = offline.tokenizer
-    texts = [tok.encode(t) for t in session_texts(8, 3000, seed=21)]
+    # Long enough that no session finishes before the kill (~1.5 s after the slowest reached 300).
+    texts = [tok.encode(t) for t in session_texts(8, 12000, seed=21)]
     state = tmp_path / "state"
     interval = 1.0
     server = ServerProcess(tiny_checkpoint, state, tmp_path, "--durability", mode,
