@@ -389,13 +389,13 @@ def test_reading_a_session_renews_its_stored_expiry(tiny_checkpoint: Path, tmp_p
     with run_server(tiny_checkpoint, durability="snapshot", state_dir=state, snapshot_interval_seconds=0.2) as srv:
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.LstmServiceStub(channel)
-            sid = stub.CreateSession(pb.CreateSessionRequest(ttl_seconds=3)).session.session_id
+            sid = stub.CreateSession(pb.CreateSessionRequest(ttl_seconds=6)).session.session_id
             stub.Step(pb.StepRequest(session_id=sid, text="abc"))
-            time.sleep(0.6)  # snapshotted, expiry ~3 s from the step
-            for _ in range(8):  # kept alive by reads alone, past the first expiry
+            time.sleep(0.6)  # snapshotted, expiry ~6 s from the step
+            for _ in range(15):  # kept alive by reads alone, past that expiry
                 time.sleep(0.5)
                 stub.GetSession(pb.GetSessionRequest(session_id=sid))
-            time.sleep(0.5)  # the reads' expiry is stored by the next snapshot
+            time.sleep(0.5)  # the reads' expiry (~6 s from the last) is stored by the next snapshot
     with run_server(tiny_checkpoint, durability="snapshot", state_dir=state) as srv:
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.LstmServiceStub(channel)
