@@ -244,35 +244,3 @@ def test_the_replay_cache_is_held_to_its_byte_budget_oldest_dropped_first(
                 stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
             assert srv.engine._replay_bytes == 0
 
-
-async def test_a_stream_that_never_reads_large_answers_is_held_to_a_byte_bound(
-    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import asyncio
-
-    import service.server
-
-    per_answer = 200 * (16 + 9 * 5 + 4 * 65 + 6)  # engine.response_bytes of one request below
-    monkeypatch.setattr(service.server, "MAX_STREAM_PENDING_BYTES", 3 * per_answer)
-    with run_server(tiny_checkpoint, max_chunk_tokens=1) as srv:
-        engine = srv.engine
-        async with grpc.aio.insecure_channel(srv.target) as channel:
-            stub = pb_grpc.LstmServiceStub(channel)
-            sid = (await stub.CreateSession(pb.CreateSessionRequest())).session.session_id
-            request = pb.StepRequest(session_id=sid, text="b" * 200, return_logprobs=True)
-            call = stub.StreamSteps(iter([request] * 12))
-            most = 0
-
-            async def watch() -> None:
-                nonlocal most
-                while True:
-                    most = max(most, engine.scheduler.queued_items + len(engine._inbox))
-                    await asyncio.sleep(0.001)
-
-            watcher = asyncio.create_task(watch())
-            try:
-                positions = [(await call.read()).position for _ in range(12)]
-            finally:
-                watcher.cancel()
-            assert positions == [200 * (i + 1) for i in range(12)]
-            assert 2 <= most <= 3, most  # pipelined, but never more answers pending than the bound

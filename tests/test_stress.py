@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -346,6 +347,24 @@ async def test_cancelled_stream_and_generate_drop_their_queued_work(slow_server:
         assert await _drained(slow_server)
 
 
+async def _read_watching_the_queue(engine: Any, call: Any, n: int) -> tuple[list[int], int]:
+    """The positions of a stream's n answers, and the most requests the engine held meanwhile."""
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, engine.scheduler.queued_items + len(engine._inbox))
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        positions = [(await call.read()).position for _ in range(n)]
+    finally:
+        watcher.cancel()
+    return positions, most
+
+
 async def test_a_stream_that_pipelines_is_held_to_its_in_flight_bound(
     slow_server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -359,23 +378,30 @@ async def test_a_stream_that_pipelines_is_held_to_its_in_flight_bound(
         stub = pb_grpc.LstmServiceStub(channel)
         sid = (await stub.CreateSession(pb.CreateSessionRequest())).session.session_id
         call = stub.StreamSteps(iter([pb.StepRequest(session_id=sid, tokens=[3] * 40, top_k=0)] * 20))
-        most = 0
-
-        async def watch() -> None:
-            nonlocal most
-            while True:
-                most = max(most, engine.scheduler.queued_items + len(engine._inbox))
-                await asyncio.sleep(0.001)
-
-        watcher = asyncio.create_task(watch())
-        try:
-            positions = [(await call.read()).position for _ in range(20)]
-        finally:
-            watcher.cancel()
+        positions, most = await _read_watching_the_queue(engine, call, 20)
         assert positions == [40 * (i + 1) for i in range(20)]
         assert 2 <= most <= 3, most  # pipelined (more than one queued), but never past the bound
         assert await call.read() is grpc.aio.EOF
         assert await _drained(slow_server)
+
+
+async def test_a_stream_that_never_reads_large_answers_is_held_to_a_byte_bound(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.server
+
+    per_answer = 200 * (16 + 9 * 5 + 4 * 65 + 6)  # engine.response_bytes of one request below
+    monkeypatch.setattr(service.server, "MAX_STREAM_PENDING_BYTES", 3 * per_answer)
+    with run_server(tiny_checkpoint, max_chunk_tokens=1) as srv:
+        engine = srv.engine
+        async with grpc.aio.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = (await stub.CreateSession(pb.CreateSessionRequest())).session.session_id
+            request = pb.StepRequest(session_id=sid, text="b" * 200, return_logprobs=True)
+            call = stub.StreamSteps(iter([request] * 12))
+            positions, most = await _read_watching_the_queue(engine, call, 12)
+            assert positions == [200 * (i + 1) for i in range(12)]
+            assert 2 <= most <= 3, most  # pipelined, but never more answers pending than the bound
 
 
 # ---- 1,000 concurrent streams and bursts past the limits, memory ----------------------------------------
