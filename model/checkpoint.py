@@ -5,20 +5,24 @@
                        SHA-256 of the corpus and of the weights file, best validation
                        loss, steps, tokens seen, wall time, torch version, created time
 
-Directories are written atomically (a temporary sibling, then rename), and the loader
-validates everything before a single weight reaches the model.
+Directories are written atomically (a temporary sibling, then an atomic exchange or
+rename), and the loader validates everything before a single weight reaches the model.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +58,65 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# renameat2(2) on Linux: RENAME_EXCHANGE swaps two existing paths in one atomic step.
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+@cache
+def _renameat2() -> Any:
+    """libc's renameat2, or None where there is none (other OS, glibc < 2.28, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap a and b atomically; False where the OS or the filesystem cannot (then nothing moved)."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def restore_moved_aside(target: Path) -> None:
+    """Undo a crash between the fallback's two renames: a `.NAME.old-*` sibling and no NAME.
+
+    The old directory was complete when it was moved aside, so it takes its name back.
+    """
+    target = Path(target)
+    if target.exists() or not target.parent.is_dir():
+        return
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        try:
+            os.rename(olds[-1], target)
+        except OSError:  # another process restored or wrote it meanwhile, or a read-only mount
+            pass
+
+
 def write_dir_atomically(target: Path, fill: Callable[[Path], None]) -> None:
     """Call fill(tmp_dir) to populate a temporary sibling of target, then swap it into place.
 
-    A crash at any moment leaves either the old complete directory or the new one; the
-    old one is renamed aside before the new one takes its name and removed afterwards.
+    A crash at any moment leaves either the old complete directory or the new one. On Linux
+    the two are exchanged in one renameat2(RENAME_EXCHANGE) and target never disappears;
+    elsewhere the old one is renamed aside before the new one takes its name, and a crash
+    between the two renames is undone by restore_moved_aside (here and in the loader).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_moved_aside(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         fill(tmp)
@@ -70,15 +125,18 @@ def write_dir_atomically(target: Path, fill: Callable[[Path], None]) -> None:
             os.chmod(f, 0o644)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        old = None
-        if target.exists():
+        if not target.exists():
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
+        else:
             old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
             os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
+            os.rename(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        restore_moved_aside(target)  # an error between the fallback's renames
         raise
 
 
@@ -138,7 +196,10 @@ def model_identity(meta: dict[str, Any]) -> str:
 def read_meta(directory: Path) -> dict[str, Any]:
     meta_path = directory / META_FILE
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: checkpoint directory does not exist")
+        restore_moved_aside(directory)
+    if not directory.is_dir():
+        what = "is a file, not a checkpoint directory" if directory.exists() else "checkpoint directory does not exist"
+        raise CheckpointError(f"{directory}: {what}")
     if not meta_path.is_file():
         raise CheckpointError(f"{meta_path}: missing (a checkpoint needs {META_FILE} and {WEIGHTS_FILE})")
     try:

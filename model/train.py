@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from model.checkpoint import (
     META_FILE,
     CheckpointError,
     read_meta,
+    restore_moved_aside,
     save_checkpoint,
     sha256_file,
     write_dir_atomically,
@@ -304,6 +307,34 @@ def load_resume(
     return record["progress"], tensors_to_state(tensors, cell_type, device)
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the records up to `step`, the step the resume state was saved at.
+
+    Train records are appended every log interval but the state is saved only at evaluations
+    (or on a stop), so after a kill the records past the saved step are about to be written
+    again. A torn last line (killed mid-write) goes too. Replaced atomically: a crash here
+    leaves the old file or the new one.
+    """
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec["step"] <= step:
+            kept.append(line + "\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
     import matplotlib
 
@@ -344,7 +375,9 @@ def train(args: TrainArgs) -> dict[str, Any]:
     bf16 = use_bf16(args.precision, device)
     torch.manual_seed(args.seed)
 
-    data_path = Path(args.data)
+    # Recorded absolute, so that --resume works from any working directory.
+    data_path = Path(args.data).resolve()
+    args = replace(args, data=str(data_path))
     text = data_path.read_text(encoding="utf-8")
     tokenizer = CharTokenizer.from_text(text)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
@@ -388,6 +421,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
             shutil.copytree(earlier / "best", out / "best")
         if (earlier / "metrics.jsonl").is_file() and not metrics_path.exists():
             shutil.copyfile(earlier / "metrics.jsonl", metrics_path)
+    if args.resume and metrics_path.exists():
+        truncate_metrics(metrics_path, progress["step"])
 
     def meta() -> dict[str, Any]:
         return {
@@ -502,13 +537,16 @@ def main(argv: list[str] | None = None) -> int:
     args, given = parse_args(argv)
     if args.resume:
         run_dir = Path(args.resume)
+        for sub in ("resume", "best"):  # a crash between write_dir_atomically's fallback renames
+            restore_moved_aside(run_dir / sub)
         try:
             saved_meta = json.loads((run_dir / "resume" / META_FILE).read_text())
             saved = saved_meta["training"]
         except (OSError, KeyError, json.JSONDecodeError) as e:
             print(f"lstm-train: cannot resume from {run_dir}: {e}", file=sys.stderr)
             return 2
-        changed = sorted(k for k in given - RESUME_OVERRIDABLE if getattr(args, k) != saved.get(k))
+        # The corpus is identified by its content (data_sha256), not by its path: it may move.
+        changed = sorted(k for k in given - RESUME_OVERRIDABLE - {"data"} if getattr(args, k) != saved.get(k))
         if changed:
             print(
                 f"lstm-train: --resume continues the run as it was started; it cannot change "
@@ -517,13 +555,17 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        data = Path(saved["data"])
-        recorded = saved_meta.get("data_sha256")
-        if recorded is not None and data.is_file() and sha256_file(data) != recorded:
-            print(f"lstm-train: cannot resume from {run_dir}: {data} is not the corpus the run was trained on "
-                  f"(SHA-256 {sha256_file(data)[:12]}…, the run recorded {recorded[:12]}…)", file=sys.stderr)
+        data = Path(args.data if "data" in given else saved["data"])
+        if not data.is_file():
+            hint = "" if "data" in given else "; pass --data with the corpus the run was trained on"
+            print(f"lstm-train: cannot resume from {run_dir}: corpus {data} not found{hint}", file=sys.stderr)
             return 2
-        merged = {**saved, **{k: getattr(args, k) for k in given & RESUME_OVERRIDABLE}}
+        recorded, actual = saved_meta.get("data_sha256"), sha256_file(data)
+        if recorded is not None and actual != recorded:
+            print(f"lstm-train: cannot resume from {run_dir}: {data} is not the corpus the run was trained on "
+                  f"(SHA-256 {actual[:12]}…, the run recorded {recorded[:12]}…)", file=sys.stderr)
+            return 2
+        merged = {**saved, **{k: getattr(args, k) for k in given & RESUME_OVERRIDABLE}, "data": str(data)}
         merged["time_budget"] = args.time_budget  # a budget belongs to one invocation
         if "out" not in given:
             merged["out"] = str(run_dir)

@@ -104,6 +104,13 @@ Command:
 {args.command or 'make train'}
 ```
 
+`--resume` continues from the last saved state (`resume/`, written at every evaluation and on a
+stop) and works from any working directory: the run records its corpus as an absolute path and
+identifies it by its SHA-256. If the corpus has moved, pass `--data` with its new path; a file
+with other content is refused, and a missing corpus is one error line asking for `--data`.
+After a `kill -9`, the records in `metrics.jsonl` past the saved step are dropped on resume
+(they are trained again), so the file ends as an uninterrupted run's would.
+
 | | |
 | --- | --- |
 | hardware | {hardware} |

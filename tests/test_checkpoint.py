@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -348,3 +350,85 @@ def test_failed_save_keeps_previous_checkpoint_loadable(ckpt, monkeypatch):
     assert loaded.sha256 != before
     assert torch.equal(loaded.model.head.bias, model.head.bias)
     assert sorted(os.listdir(ckpt.parent)) == ["ckpt"]
+
+
+# A child process that writes `target` anew and dies at a chosen moment, like a kill -9.
+CRASHING_WRITER = r"""
+import os, shutil, sys
+from pathlib import Path
+import model.checkpoint as C
+
+moment = sys.argv[2]
+real_rename = os.rename
+def rename(src, dst):
+    real_rename(src, dst)
+    if ".old-" in str(dst):  # the fallback moved the old directory aside
+        os._exit(99 if moment == "after-exchange" else 137)
+os.rename = rename
+if moment == "after-exchange":
+    shutil.rmtree = lambda *a, **k: os._exit(137)  # dies before removing the swapped-out old one
+else:
+    C._exchange = lambda a, b: False  # a system without renameat2(RENAME_EXCHANGE)
+C.write_dir_atomically(Path(sys.argv[1]), lambda tmp: (tmp / "a.txt").write_text("new"))
+"""
+
+
+def crash_while_writing(target: Path, moment: str) -> int:
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-c", CRASHING_WRITER, str(target), moment], cwd=root).returncode
+
+
+def test_atomic_write_exchanges_so_a_crash_never_leaves_the_target_missing(tmp_path):
+    import model.checkpoint as checkpoint_module
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    # Linux with glibc >= 2.28 on the usual filesystems (ext4, xfs, tmpfs, overlayfs): the path CI takes.
+    assert checkpoint_module._exchange(a, b), "no renameat2(RENAME_EXCHANGE) here: the fallback is all there is"
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+
+    # Killed right after the swap: the target is already the new directory, never absent
+    # (the child exits 99 instead if it ever renamed the target aside).
+    assert crash_while_writing(target, "after-exchange") == 137
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    assert (target / "a.txt").read_text() == "new"
+    [swapped_out] = leftovers(tmp_path, "out")
+    assert swapped_out.startswith(".out.tmp-")  # the old one, not yet removed
+    assert (tmp_path / swapped_out / "a.txt").read_text() == "old"
+
+
+def test_a_crash_between_the_fallback_renames_is_undone_by_the_loader(ckpt):
+    before = load_checkpoint(ckpt).sha256
+    assert crash_while_writing(ckpt, "between-renames") == 137
+    assert not ckpt.exists()  # the old one is .ckpt.old-*, the new one .ckpt.tmp-*
+    assert [name.split("-")[0] for name in leftovers(ckpt.parent, "ckpt")] == [".ckpt.old", ".ckpt.tmp"]
+
+    assert load_checkpoint(ckpt).sha256 == before  # the old complete checkpoint took its name back
+    assert [name.split("-")[0] for name in leftovers(ckpt.parent, "ckpt")] == [".ckpt.tmp"]
+
+
+def test_a_crash_between_the_fallback_renames_is_undone_by_the_next_write(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    assert crash_while_writing(target, "between-renames") == 137
+    assert not target.exists()
+
+    def fill(tmp: Path) -> None:
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_dir_atomically(target, fill)
+    assert (target / "a.txt").read_text() == "old"  # restored before the write began
+    assert [name.split("-")[0] for name in leftovers(tmp_path, "out")] == [".out.tmp"]  # the crashed write's
+
+    # And the fallback itself still replaces the directory whole.
+    import model.checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "_exchange", lambda a, b: False)
+    write_dir_atomically(target, lambda tmp: (tmp / "b.txt").write_text("new"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [name.split("-")[0] for name in leftovers(tmp_path, "out")] == [".out.tmp"]  # nothing new

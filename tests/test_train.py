@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
@@ -211,6 +212,37 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert state["step"] == 14 and state["epoch"] == 2
 
 
+def test_resume_after_a_kill_logs_no_step_twice(tmp_path, monkeypatch):
+    """kill -9 at step 8: resume/ holds step 5 (the last evaluation) while metrics.jsonl already has
+    steps 6-8 and a torn line. --resume makes the metrics those of one uninterrupted run."""
+    monkeypatch.setattr(train_module, "plot_losses", lambda *a: None)
+    data = corpus_slice(tmp_path / "slice.txt", 3_000)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    real_save_resume = train_module.save_resume
+
+    def save_resume(out, model, tokenizer, optimizer, state, progress, meta):
+        real_save_resume(out, model, tokenizer, optimizer, state, progress, meta)
+        if progress["step"] == 5:  # what the killed run has on disk: its last save
+            for sub in ("resume", "best"):
+                shutil.copytree(out / sub, killed / sub)
+
+    monkeypatch.setattr(train_module, "save_resume", save_resume)
+    assert main(["--data", str(data), "--out", str(whole), *RESUME_ARGS]) == 0
+    monkeypatch.setattr(train_module, "save_resume", real_save_resume)
+    logged = [line for line in (whole / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 8]
+    (killed / "metrics.jsonl").write_text("\n".join(logged) + '\n{"kind": "train", "st')  # died mid-write
+
+    assert main(["--resume", str(killed)]) == 0
+
+    def records(run: Path) -> list[dict]:  # all but the throughput, which is timing
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run)]
+
+    assert [r["step"] for r in records(killed) if r["kind"] == "train"] == list(range(1, 15))
+    assert records(killed) == records(whole)
+    for sub in ("best", "resume"):
+        assert sha256_file(killed / sub / WEIGHTS_FILE) == sha256_file(whole / sub / WEIGHTS_FILE)
+
+
 def test_resume_reproduces_only_with_dropout_rng(tmp_path, monkeypatch):
     """Guard for the test above: with dropout, a different seed really changes the losses."""
     monkeypatch.setattr(train_module, "plot_losses", lambda *a: None)
@@ -249,6 +281,40 @@ def test_resume_refuses_options_it_would_ignore_and_another_corpus(tmp_path, mon
     assert main(["--resume", str(run), "--max-steps", "3"]) == 2
     assert "not the corpus the run was trained on" in capsys.readouterr().err
     assert sha256_file(run / "resume" / WEIGHTS_FILE) == before  # nothing was trained
+
+
+def test_resume_finds_the_corpus_from_anywhere_and_knows_it_by_content(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_module, "plot_losses", lambda *a: None)
+    for sub in ("start", "elsewhere"):
+        (tmp_path / sub).mkdir()
+    data = corpus_slice(tmp_path / "start" / "slice.txt", 3_000).resolve()
+    run = tmp_path / "run"
+    args = list(RESUME_ARGS)
+    args[args.index("--max-steps") + 1] = "2"
+    monkeypatch.chdir(tmp_path / "start")
+    assert main(["--data", "slice.txt", "--out", str(run), *args]) == 0
+
+    def recorded() -> str:
+        return json.loads((run / "resume" / META_FILE).read_text())["training"]["data"]
+
+    assert recorded() == str(data)  # absolute, though typed relative
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["--resume", str(run), "--max-steps", "3"]) == 0
+
+    moved = data.rename(tmp_path / "moved.txt")
+    capsys.readouterr()
+    assert main(["--resume", str(run), "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(data) in err and "pass --data" in err  # one line, no traceback
+
+    assert main(["--resume", str(run), "--max-steps", "4", "--data", "../moved.txt"]) == 0  # same content
+    assert recorded() == str(moved)
+    text = moved.read_text()
+    (tmp_path / "other.txt").write_text(text[1:] + text[0])
+    capsys.readouterr()
+    assert main(["--resume", str(run), "--max-steps", "5", "--data", "../other.txt"]) == 2
+    assert "not the corpus the run was trained on" in capsys.readouterr().err
+    assert json.loads((run / "resume" / "train_state.json").read_text())["progress"]["step"] == 4
 
 
 def test_resume_into_another_directory_carries_the_best_checkpoint_and_metrics(tmp_path, monkeypatch):
