@@ -27,6 +27,7 @@ COPY pyproject.toml README.md* ./
 COPY clients/python clients/python
 COPY model model
 COPY service service
+COPY bench bench
 RUN pip install --no-cache-dir ./clients/python . \
     && python -c "import torch, grpc, grpc_health.v1, service, model; print('torch', torch.__version__)"
 

@@ -15,3 +15,7 @@ import os
 GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
 
 os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+# gRPC's own log lines go straight to stderr, outside the server's logging (and its JSON
+# format); grpcio 1.85 prints INFO ones by default, e.g. one per failed TLS handshake. Errors only,
+# unless the operator says otherwise.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -29,7 +29,9 @@ class ServerConfig:
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
     log_format: str = field(default="human", metadata={"help": "human or json (one object per line)"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
-    grace_seconds: float = field(default=10.0, metadata={"help": "on SIGTERM, finish in-flight work for this long"})
+    grace_seconds: float = field(default=10.0, metadata={
+        "help": "on SIGTERM/SIGINT, finish in-flight work for at most this long (a second signal stops at once), "
+                "then store the sessions"})
     state_dir: str = field(default="state", metadata={"help": "directory of the session state store (SQLite)"})
     durability: str = field(
         default="snapshot",
@@ -42,7 +44,8 @@ class ServerConfig:
         default="lazy", metadata={"help": "restore stored sessions lazily (on first use) or eagerly (at start)"}
     )
     max_resident_sessions: int = field(
-        default=0, metadata={"help": "sessions kept on the device; idle ones beyond are evicted (0 = max-sessions)"}
+        default=0, metadata={"help": "sessions kept on the device; the least recently used beyond are evicted to the "
+                                  "state store (0 = max-sessions; needs --durability snapshot or journal)"}
     )
     auth_tokens: str = field(
         default="", metadata={"help": "file of bearer tokens, one 'TOKEN PRINCIPAL' per line (empty = no auth)"}
@@ -133,6 +136,10 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
                 default = kind(environ[env])
             except ValueError:
                 parser.error(f"environment variable {env}={environ[env]!r} is not a valid {kind.__name__}")
+            # argparse checks choices for flags only, not for defaults: a typo such as
+            # durability=jounral would otherwise start quietly in another mode.
+            if f.name in CHOICES and default not in CHOICES[f.name]:
+                parser.error(f"environment variable {env}={environ[env]!r} must be one of {', '.join(CHOICES[f.name])}")
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -153,9 +160,23 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
                  "max_queued_tokens", "max_message_bytes", "max_concurrent_rpcs"):
         if getattr(config, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= config.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {config.port}")
+    if not -1 <= config.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be between -1 (off) and 65535, got {config.metrics_port}")
+    if config.threads < 0:
+        parser.error(f"--threads must be >= 0 (0 = torch's default), got {config.threads}")
+    if not config.grace_seconds >= 0:  # (NaN too)
+        parser.error(f"--grace-seconds must be >= 0, got {config.grace_seconds}")
     if config.max_resident_sessions < 0 or config.snapshot_interval_seconds <= 0 or config.max_batch_wait_ms < 0:
         parser.error(
             "--max-resident-sessions and --max-batch-wait-ms must be >= 0 and --snapshot-interval-seconds > 0"
+        )
+    if config.max_resident_sessions and config.durability == "none":
+        # An evicted session goes to the state store; with no store the bound could only be ignored.
+        parser.error(
+            "--max-resident-sessions needs a state store to evict to: use --durability snapshot or journal "
+            "(with --durability none, bound the sessions with --max-sessions)"
         )
     if bool(config.tls_cert) != bool(config.tls_key):
         parser.error("--tls-cert and --tls-key go together")

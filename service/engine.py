@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import Checkpoint
-from model.tokenizer import CharTokenizer
+from model.tokenizer import CharTokenizer, UnknownCharacterError
 from service.logs import short_id
 from service.runner import ModelRunner, RowInput, RowOutput, SamplingParams
 from service.sampling import to_signed64
@@ -115,6 +115,11 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # one gets ABORTED naming the position, as any conflict). Small ones (~1 KB) are not counted.
 REPLAY_CACHE_BYTES = 256 * 1024 * 1024
 REPLAY_UNTRACKED_TOKENS = 16
+
+# A graceful stop writes every changed session; a failed final write loses acknowledged work in
+# snapshot mode, so it is retried (each attempt waits up to SQLite's 5 s for a write lock).
+FINAL_SNAPSHOT_ATTEMPTS = 3
+FINAL_SNAPSHOT_RETRY_SECONDS = 1.0
 
 REGROUP_SHARE_OF_STEP = 0.5
 REGROUP_SECONDS_PER_ANSWER = 0.0002  # ~what the RPC layer on 2 cores needs to answer a session and read it back
@@ -335,6 +340,7 @@ class Engine:
         self._last_step_seconds = 0.0
         self._return_rate = 1.0  # moving average of the share of waited-for sessions that came back
         self._steps_since_hold = 0
+        self._unsaved_at_stop = 0  # sessions whose latest state the final snapshot could not store
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -366,20 +372,28 @@ class Engine:
         """Refuse new work; what is queued still runs."""
         self._draining = True
 
-    async def drain(self, grace_seconds: float) -> None:
+    async def drain(self, grace_seconds: float, hurry: asyncio.Event | None = None) -> None:
+        """Refuse new work and wait (at most grace_seconds, or until `hurry` is set) for the rest."""
         self.begin_drain()
         deadline = time.monotonic() + grace_seconds
         while (self.scheduler.queued_items or self._inbox) and time.monotonic() < deadline:
+            if hurry is not None and hurry.is_set():
+                return
             await asyncio.sleep(0.02)
 
-    def stop(self) -> None:
-        """Stop the engine thread; with a store, snapshot every dirty session first."""
+    def stop(self) -> bool:
+        """Stop the engine thread; with a store, write every changed session first.
+
+        False when the store could not take the final write: in snapshot mode the latest
+        state of some sessions is then lost (the log says how many).
+        """
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
         if self.store is not None:
             self.store.close()
+        return self._unsaved_at_stop == 0
 
     # ---- session operations (called on the event loop) ----------------------------------
 
@@ -651,7 +665,13 @@ class Engine:
         record.slot = slot
         self._resident[record.key] = None
         if stored.state is not None:
-            self.runner.write_state(slot, stored.state)
+            try:
+                self.runner.write_state(slot, stored.state)
+            except ValueError as e:  # a damaged or edited store: refuse this session, not the step
+                self._release_slot(record)
+                raise FailedPreconditionError(
+                    f"session {short_id(record.session_id)}'s stored state does not fit the model ({e}); delete it"
+                ) from None
         position = stored.position
         for entry in journal:
             if entry.start_position != position:
@@ -851,6 +871,11 @@ class Engine:
             raise InvalidArgumentError(f"top_p must be in (0, 1], got {params.top_p}")
         if len(params.stop) > 16 or any(not s or len(s) > 256 for s in params.stop):
             raise InvalidArgumentError("stop takes at most 16 non-empty strings of at most 256 characters")
+        for i, stop in enumerate(params.stop):  # the model can never write such a string: it would never match
+            try:
+                self.tokenizer.encode(stop)
+            except UnknownCharacterError as e:
+                raise InvalidArgumentError(f"stop[{i}] can never occur in generated text: {e}") from None
 
     async def generate(
         self,
@@ -919,7 +944,39 @@ class Engine:
                 self._pinned.clear()
                 self._fail_plan(plan, EngineError("internal error while running the model step"))
         if self.store is not None:
-            self._snapshot_dirty()  # graceful stop: nothing applied is lost
+            self._final_snapshot()  # graceful stop: nothing applied is lost
+
+    def _final_snapshot(self) -> None:
+        """Write every changed session before the engine stops, retrying a failed write."""
+        assert self.store is not None
+        self._snapshot_dirty()  # (expiries of read sessions, and the changed ones, in the background)
+        for attempt in range(1, FINAL_SNAPSHOT_ATTEMPTS + 1):
+            # A call through the store thread runs after every write queued before it, and a failed
+            # background write has marked its sessions dirty again by the time this returns.
+            self.store.flush()
+            dirty = [r for key in self._resident if (r := self._sessions[key]).dirty]
+            if not dirty:
+                self._unsaved_at_stop = 0
+                return
+            try:
+                states = self.runner.read_states([r.slot for r in dirty])
+                self.store.save_snapshots([self._snapshot_of(r, True, st) for r, st in zip(dirty, states)])
+            except Exception as e:
+                self._unsaved_at_stop = len(dirty)
+                log.error("final snapshot of %d sessions failed (attempt %d of %d): %s",
+                          len(dirty), attempt, FINAL_SNAPSHOT_ATTEMPTS, e)
+                if attempt < FINAL_SNAPSHOT_ATTEMPTS:
+                    time.sleep(FINAL_SNAPSHOT_RETRY_SECONDS)
+                continue
+            for r in dirty:
+                r.dirty = False
+            self._unsaved_at_stop = 0
+            return
+        lost = "their changes since the last snapshot are lost" if self.durability.mode == "snapshot" else (
+            "their journal still holds every acknowledged step")
+        log.error("%d sessions could not be stored at shutdown: %s", self._unsaved_at_stop, lost)
+        if self.durability.mode != "snapshot":
+            self._unsaved_at_stop = 0  # nothing acknowledged is lost
 
     def _drain_inbox(self) -> list[str]:
         """Move submitted work to the scheduler; the session keys of the work items moved."""

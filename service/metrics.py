@@ -169,7 +169,8 @@ class Metrics:
         )
         self.sessions_evicted_total = Counter(
             "lstm_sessions_evicted",
-            "Idle sessions moved off the device to the state store to make room (--max-resident-sessions).",
+            "Sessions moved off the device to the state store to make room (--max-resident-sessions), "
+            "least recently used first.",
             registry=r,
         )
         self.sessions_restored_total = Counter(

@@ -174,6 +174,10 @@ class ModelRunner:
     def write_state(self, slot: int, state: list[np.ndarray]) -> None:
         if len(state) != len(self.slabs):
             raise ValueError(f"state has {len(state)} tensors, the model keeps {len(self.slabs)}")
+        expected = (self.config.num_layers, self.config.hidden_size)
+        for part in state:
+            if tuple(part.shape) != expected:  # (a [1, hidden] part would broadcast into every layer)
+                raise ValueError(f"state tensor of shape {tuple(part.shape)}, the model keeps {expected}")
         for slab, part in zip(self.slabs, state):
             slab[:, slot] = torch.from_numpy(part).to(device=self.device, dtype=self.dtype)
 

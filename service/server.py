@@ -84,6 +84,9 @@ MAX_STREAM_IN_FLIGHT = 1024
 # And about this many bytes of answers: a client that sends large requests (log-probabilities,
 # hidden states) and never reads must not make the server hold a thousand answers for it.
 MAX_STREAM_PENDING_BYTES = 64 * 1024 * 1024
+# At shutdown, once the engine has finished its work: time for its last answers to be written
+# before the calls still open (idle streams) are cancelled, within --grace-seconds.
+FINAL_WRITE_SECONDS = 1.0
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -489,27 +492,39 @@ class LstmServer:
         self.engine.start(asyncio.get_running_loop())
         if self.config.metrics_port >= 0:
             host = self.config.metrics_host or self.config.host
-            self._stop_metrics, self.metrics_port = start_metrics_http_server(
-                self.metrics, host, self.config.metrics_port
-            )
+            try:
+                self._stop_metrics, self.metrics_port = start_metrics_http_server(
+                    self.metrics, host, self.config.metrics_port
+                )
+            except OSError as e:
+                raise StartupError(f"cannot serve /metrics on {host}:{self.config.metrics_port} ({e.strerror or e}); "
+                                   "choose another --metrics-port (-1 = off)") from None
         await self.grpc_server.start()
         eventloop.settle_gc()  # what exists now lives as long as the server
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Stop taking new work, finish what is in flight within `grace` seconds, shut down."""
+    async def stop(self, grace: float | None = None, hurry: asyncio.Event | None = None) -> bool:
+        """Stop taking new work, finish what is in flight within `grace` seconds (less if `hurry`
+        is set meanwhile), shut down. False when the final snapshot could not store every
+        session's latest state (snapshot mode: that work is lost; the log says how much)."""
         if self._stopped:
-            return
+            return True
         self._stopped = True
         grace = self.config.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.engine.drain(grace)
-        await self.grpc_server.stop(grace=max(grace, 0.1))
-        self.engine.stop()
+        await self.engine.drain(grace, hurry)
+        # The engine's work is done (or the time is up): what is left are answers on their way
+        # out and idle streams (a health Watch, a StreamSteps between requests), which would
+        # otherwise hold the process for the whole grace period. One grace period in all.
+        left = 0.0 if hurry is not None and hurry.is_set() else max(0.0, deadline - time.monotonic())
+        await self.grpc_server.stop(grace=min(left, FINAL_WRITE_SECONDS))
+        stored = await asyncio.to_thread(self.engine.stop)  # (the final snapshot, off the event loop)
         if self._stop_metrics is not None:
             self._stop_metrics()
+        return stored
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
@@ -603,9 +618,13 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
             raise StartupError(f"{config.tls_cert} / {config.tls_key}: TLS setup failed ({e}); "
                                "check that the key belongs to the certificate") from None
     else:
-        port = grpc_server.add_insecure_port(address)
+        try:
+            port = grpc_server.add_insecure_port(address)
+        except RuntimeError:  # grpc: "Failed to bind to address ..."
+            port = 0
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}")
+        raise StartupError(f"cannot listen on {address}: the port is in use or the host is not an address of "
+                           "this machine (choose another --port, or --port 0 for any free one)")
     return server, port
 
 
@@ -617,29 +636,46 @@ async def serve(config: ServerConfig) -> int:
         return 2
     try:
         await server.start()  # (reads the stored sessions)
-    except StateStoreError as e:
+    except (StateStoreError, StartupError) as e:
         log.error("refusing to start: %s", e)
         return 2  # (the process ends: nothing of the half-started server outlives it)
     info = server.engine.checkpoint
     log.info(
-        "serving %s (%s %dx%d, sha256 %s…) on %s:%d (%s, %s), metrics on :%s, device %s %s, event loop %s, "
+        "serving %s (%s %dx%d, sha256 %s…) on %s:%d (%s, %s), %s, durability %s, device %s %s, event loop %s, "
         "GRPC_EXPERIMENTS=%s",
         info.path, info.config.cell_type, info.config.num_layers, info.config.hidden_size, info.sha256[:12],
         config.host, port,
         ("mutual TLS" if config.tls_client_ca else "TLS") if config.tls_cert else "plaintext",
         "bearer tokens required" if config.auth_tokens or config.auth_tokens_inline.strip() else "no authentication",
-        server.metrics_port, server.engine.device.type, config.dtype, eventloop.loop_name(),
+        f"metrics on :{server.metrics_port}" if server.metrics_port is not None else "metrics off",
+        config.durability if config.durability == "none" else f"{config.durability} in {config.state_dir}",
+        server.engine.device.type, config.dtype, eventloop.loop_name(),
         os.environ.get("GRPC_EXPERIMENTS", ""),
     )
     if config.port_file:
-        eventloop.write_port_file(config.port_file, port)
-    stop_requested = asyncio.Event()
+        try:
+            eventloop.write_port_file(config.port_file, port)
+        except OSError as e:
+            log.error("refusing to start: cannot write --port-file %s (%s)", config.port_file, e.strerror or e)
+            await server.stop(grace=0)
+            return 2
+    stop_requested, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop_requested.is_set():  # a second signal: stop now (what was applied is still stored)
+            if not hurry.is_set():
+                log.warning("second signal: stopping now, without waiting for calls in flight")
+            hurry.set()
+        stop_requested.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop_requested.wait()
-    log.info("shutting down: draining for up to %.1fs", config.grace_seconds)
-    await server.stop()
+    log.info("shutting down: draining for up to %.1fs (a second signal stops at once)", config.grace_seconds)
+    if not await server.stop(hurry=hurry):
+        log.error("stopped; the latest state of some sessions could not be stored (above)")
+        return 1
     log.info("stopped")
     return 0
 

@@ -179,6 +179,10 @@ class StoreThread:
     def purge_expired(self, now: float) -> list[str]:
         return self._call(self.store.purge_expired, now)
 
+    def flush(self) -> None:
+        """Wait for every call queued so far (and the callbacks of their futures) to finish."""
+        self._call(lambda: None)
+
     def close(self) -> None:
         """Write what is queued, then close the store."""
         self._call(self.store.close)

@@ -355,6 +355,34 @@ def test_generate_break_resyncs_position(client: Client) -> None:
         assert r.position == s.info().position
 
 
+def test_generate_on_a_fork_then_step_the_kept_text(client: Client) -> None:
+    """The documented pattern for stopping a generation early with the session holding exactly
+    what was read (the server runs ahead of a slow reader and applies all it sampled)."""
+    with client.session() as s, client.session() as reference:
+        s.step("ROMEO:")
+        draft = s.fork()
+        kept = []
+        for token in draft.generate(max_tokens=2000, temperature=0.8, seed=3):
+            kept.append(token.text)
+            if len(kept) == 5:
+                time.sleep(0.3)  # the server has sampled well past what was read by now
+                break
+        assert draft.info().position > 6 + 5
+        draft.delete()
+        s.step("".join(kept))
+        assert s.position == 6 + 5 == s.info().position
+        expected = reference.step("ROMEO:" + "".join(kept), top_k=5)
+        assert_same_outputs(s.step(" ", top_k=5), reference.step(" ", top_k=5))
+        assert expected.position == 11
+
+
+def test_a_stop_string_the_model_cannot_write_is_refused(client: Client) -> None:
+    with client.session() as s:
+        with pytest.raises(InvalidInput, match=r"stop\[1\] can never occur.*U\+2019"):
+            list(s.generate(max_tokens=5, stop=["a", "it\u2019s"]))
+        assert s.info().position == 0  # refused before anything ran
+
+
 def test_fork_reset_delete(client: Client) -> None:
     with client.session() as s:
         s.step("KING RICHARD")

@@ -118,6 +118,10 @@ def test_cpu_override_drops_gpu() -> None:
     for name in ("server", "train"):
         assert not config["services"][name].get("deploy"), name
     assert config["services"]["server"]["environment"]["LSTM_SERVE_DEVICE"] == "cpu"
+    gpu = compose_config(ROOT / "docker-compose.yml")
+    for name in ("server", "train"):  # the GPU file builds CUDA torch, the CPU override CPU torch
+        assert config["services"][name]["build"]["args"]["TORCH_VARIANT"] == "cpu", name
+        assert gpu["services"][name]["build"]["args"]["TORCH_VARIANT"].startswith("cu"), name
 
 
 @pytest.mark.parametrize(

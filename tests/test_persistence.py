@@ -433,3 +433,58 @@ def test_an_unusable_state_directory_is_refused_in_one_line(tiny_checkpoint: Pat
     assert proc.returncode == 2
     assert "refusing to start" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_final_snapshot_that_fails_is_retried(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Shutdown in snapshot mode writes the changed sessions once more; a write lock held by
+    someone else for a while (the first attempt waits out SQLite's 5 s) does not lose them."""
+    state = tmp_path / "state"
+    server = ServerProcess(tiny_checkpoint, state, tmp_path, "--durability", "snapshot",
+                           "--snapshot-interval-seconds", "3600")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            assert stub.Step(pb.StepRequest(session_id=sid, text="To be, or not")).position == 13
+        lock = WriteLock(state)
+        threading.Timer(6.5, lock.release).start()  # after the first write gave up (5 s)
+        assert server.stop(signal.SIGTERM) == 0
+        out = server.proc.stdout.read() if server.proc.stdout else ""
+        assert "snapshot of 1 sessions failed: database is locked" in out
+    finally:
+        server.kill()
+    server = ServerProcess(tiny_checkpoint, state, tmp_path, "--durability", "snapshot")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).session.position == 13
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize(("durability", "stored"), [("snapshot", False), ("journal", True)])
+def test_a_final_snapshot_that_cannot_be_written_is_reported(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str, stored: bool
+) -> None:
+    """stop() says whether everything applied is stored (the command exits 1 when not): in
+    snapshot mode a failed final write loses the changes; in journal mode the journal has them."""
+    import sqlite3
+
+    import service.engine
+
+    monkeypatch.setattr(service.engine, "FINAL_SNAPSHOT_RETRY_SECONDS", 0.01)
+    with run_server(tiny_checkpoint, durability=durability, state_dir=str(tmp_path / "state"),
+                    snapshot_interval_seconds=3600.0) as running:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            stub.Step(pb.StepRequest(session_id=sid, text="To be"))
+        calls = []
+
+        def fail(snapshots: object) -> None:  # the real store, failing as a full disk would
+            calls.append(snapshots)
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(running.engine.store.store, "save_snapshots", fail)
+        assert running.call(running.server.stop(grace=1.0)) is stored
+        assert len(calls) == 1 + 3  # the background write queued at stop, then three attempts

@@ -35,6 +35,19 @@ def test_read_states_is_read_state_of_each_slot(which: str, request: pytest.Fixt
     assert runner.read_states([]) == []
 
 
+def test_write_state_refuses_a_state_of_another_shape(tiny_checkpoint: Path) -> None:
+    runner = ModelRunner(load_checkpoint(tiny_checkpoint), torch.device("cpu"), initial_capacity=2)
+    slot = runner.allocate()
+    layers, hidden = runner.config.num_layers, runner.config.hidden_size
+    one_layer = [np.ones((1, hidden), np.float32)] * len(runner.slabs)  # would broadcast into every layer
+    with pytest.raises(ValueError, match="shape"):
+        runner.write_state(slot, one_layer)
+    assert all(not np.any(part) for part in runner.read_state(slot))  # nothing written
+    good = [np.full((layers, hidden), 0.5, np.float32)] * len(runner.slabs)
+    runner.write_state(slot, good)
+    np.testing.assert_array_equal(runner.read_state(slot)[0], good[0])
+
+
 @pytest.mark.parametrize("which", ["tiny_checkpoint", "tiny_gru_checkpoint"])
 def test_cell_kernels_and_sequence_kernel_agree(which: str, request: pytest.FixtureRequest) -> None:
     """Single-token steps take the per-layer cells up to CELL_KERNEL_MAX_BATCH sessions and

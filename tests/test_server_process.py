@@ -144,3 +144,198 @@ def test_grpc_socket_layer_is_chosen_before_grpc_loads(preset: str | None) -> No
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout.strip()
     assert out == repr((False, GRPC_EXPERIMENTS if preset is None else preset))
+
+
+def _generate_until_signalled(stub: pb_grpc.LstmServiceStub, sid: str) -> tuple[list[pb.GenerateResponse], list]:
+    """A long Generate read in a thread: (tokens received, [its final status code])."""
+    tokens: list[pb.GenerateResponse] = []
+    ended: list = []
+    call = stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=100_000, seed=1))
+
+    def read() -> None:
+        try:
+            tokens.extend(call)
+            ended.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            ended.append(e.code())
+
+    threading.Thread(target=read, daemon=True).start()
+    while len(tokens) < 5:
+        time.sleep(0.01)
+    return tokens, ended
+
+
+def test_shutdown_takes_one_grace_period_in_all(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Work still running when --grace-seconds is up is cut off then, not after a second grace
+    period (gRPC's own stop used to get the whole period again)."""
+    proc, port = start(tiny_checkpoint, tmp_path, "--grace-seconds", "3", "--max-generate-tokens", "100000")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            tokens, ended = _generate_until_signalled(stub, sid)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            took = time.monotonic() - signalled
+            assert ended and ended[0] != grpc.StatusCode.OK and len(tokens) < 100_000
+        assert took < 5.5, f"exit {took:.1f} s after SIGTERM with --grace-seconds 3"  # was 6+
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_idle_streams_do_not_hold_shutdown(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """With no work in flight, an open health Watch and a StreamSteps between requests end at
+    once instead of keeping the process for the whole grace period."""
+    proc, port = start(tiny_checkpoint, tmp_path, "--grace-seconds", "20")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            requests = [pb.StepRequest(session_id=sid, tokens=[1])]
+            more = threading.Event()
+
+            def inputs():  # one request, then nothing until the test ends
+                yield from requests
+                more.wait(60)
+
+            stream = stub.StreamSteps(inputs())
+            assert next(stream).position == 1
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            took = time.monotonic() - signalled
+            more.set()
+        assert took < 10, f"exit {took:.1f} s after SIGTERM with --grace-seconds 20"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_second_signal_stops_at_once_and_still_stores_the_sessions(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    proc, port = start(tiny_checkpoint, tmp_path, "--grace-seconds", "60", "--max-generate-tokens", "100000",
+                       "--snapshot-interval-seconds", "3600")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            tokens, ended = _generate_until_signalled(stub, sid)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 0
+            took = time.monotonic() - signalled
+            received = tokens[-1].position
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "second signal: stopping now" in out
+        assert took < 30, f"exit {took:.1f} s after the first signal with --grace-seconds 60"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (tmp_path / "port").unlink()
+    proc, port = start(tiny_checkpoint, tmp_path)  # the same state directory
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            # Everything the client received was applied and stored (and what was sampled past it).
+            assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).session.position >= received
+    finally:
+        proc.kill()
+
+
+def test_a_resident_limit_without_a_store_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """With --durability none there is nowhere to evict to: the bound would be silently ignored."""
+    with pytest.raises(SystemExit):
+        parse_config(["--durability", "none", "--max-resident-sessions", "2"], environ={})
+    assert "--max-resident-sessions needs a state store" in capsys.readouterr().err
+    config = parse_config(["--durability", "snapshot", "--max-resident-sessions", "2"], environ={})
+    assert config.max_resident_sessions == 2
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("port-in-use", "cannot listen on 127.0.0.1:{port}: the port is in use"),
+        ("metrics-port-in-use", "cannot serve /metrics on 127.0.0.1:{port}"),
+        ("port-file-dir-missing", "cannot write --port-file"),
+        ("checkpoint-is-a-file", "is a file, not a checkpoint directory"),
+        ("port-out-of-range", "--port must be between 0 and 65535, got 70000"),
+        ("metrics-port-out-of-range", "--metrics-port must be between -1 (off) and 65535, got 99999"),
+        ("negative-threads", "--threads must be >= 0"),
+        ("negative-grace", "--grace-seconds must be >= 0"),
+        ("durability-typo-in-env", "LSTM_SERVE_DURABILITY='jounral' must be one of none, snapshot, journal"),
+        ("dtype-typo-in-env", "LSTM_SERVE_DTYPE='fp16' must be one of float32, bfloat16, float16"),
+    ],
+)
+def test_common_startup_mistakes_are_one_line_and_exit_2(
+    tiny_checkpoint: Path, tmp_path: Path, case: str, needle: str
+) -> None:
+    """What an operator gets wrong first: no traceback, one line that says what to change."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    args = ["--checkpoint", str(tiny_checkpoint), "--port", "0", "--metrics-port", "-1", "--durability", "none"]
+    env: dict[str, str] = {}
+    extra = {
+        "port-in-use": ["--port", str(port)],
+        "metrics-port-in-use": ["--metrics-port", str(port)],
+        "port-file-dir-missing": ["--port-file", str(tmp_path / "no" / "such" / "dir" / "port")],
+        "checkpoint-is-a-file": ["--checkpoint", str(ROOT / "README.md")],
+        "port-out-of-range": ["--port", "70000"],
+        "metrics-port-out-of-range": ["--metrics-port", "99999"],
+        "negative-threads": ["--threads", "-1"],
+        "negative-grace": ["--grace-seconds", "-1"],
+    }.get(case, [])
+    if case == "durability-typo-in-env":
+        env["LSTM_SERVE_DURABILITY"] = "jounral"
+        args.remove("--durability")
+        args.remove("none")
+    if case == "dtype-typo-in-env":
+        env["LSTM_SERVE_DTYPE"] = "fp16"
+    try:
+        proc = subprocess.run([*SERVER, *args, *extra], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env={**os.environ, **env})
+    finally:
+        taken.close()
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-2000:]
+    assert needle.format(port=port) in output, output[-2000:]
+    assert "Traceback" not in output, output[-2000:]
+
+
+def test_the_startup_line_names_the_durability_and_grpc_writes_no_info_lines(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --log-format json every stderr line is a JSON object: gRPC's own INFO lines (a plaintext
+    client at a TLS port logs one per handshake) are off unless GRPC_VERBOSITY says otherwise."""
+    import json
+
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)  # (this process's import of `service` set it)
+
+    from tests.test_auth_tls import _ca, _leaf
+
+    ca_key, ca_cert = _ca("test CA")
+    cert, key = _leaf(ca_key, ca_cert, "lstm-serve", server=True)
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    proc, port = start(tiny_checkpoint, tmp_path, "--log-format", "json", "--tls-cert", str(tmp_path / "cert.pem"),
+                       "--tls-key", str(tmp_path / "key.pem"), "--durability", "journal")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
+            with pytest.raises(grpc.RpcError):
+                pb_grpc.LstmServiceStub(plain).GetModelInfo(pb.GetModelInfoRequest(), timeout=3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        lines = (proc.stdout.read() if proc.stdout else "").splitlines()
+        records = [json.loads(line) for line in lines]  # fails on any line that is not JSON
+        assert any("durability journal in" in r["msg"] for r in records), lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
