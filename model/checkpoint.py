@@ -106,6 +106,20 @@ def restore_moved_aside(target: Path) -> None:
             pass
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` survive a power loss (the files were synced before it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory; the rename still happened
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_dir_atomically(target: Path, fill: Callable[[Path], None]) -> None:
     """Call fill(tmp_dir) to populate a temporary sibling of target, then swap it into place.
 
@@ -127,12 +141,15 @@ def write_dir_atomically(target: Path, fill: Callable[[Path], None]) -> None:
                 os.fsync(fh.fileno())
         if not target.exists():
             os.rename(tmp, target)
+            _fsync_dir(target.parent)
         elif _exchange(tmp, target):
+            _fsync_dir(target.parent)
             shutil.rmtree(tmp, ignore_errors=True)  # now the old directory
         else:
             old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
             os.rename(target, old)
             os.rename(tmp, target)
+            _fsync_dir(target.parent)
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -534,6 +534,8 @@ def generate_request(world: World, spec: dict[str, Any]) -> tuple[pb.GenerateReq
             return prompt, "top_p"
         if len(r.stop) > 16 or any(not s or len(s) > 256 for s in r.stop):
             return prompt, "stop"
+        if any(ch not in VOCAB_TEXT for s in r.stop for ch in s):  # could never occur in generated text
+            return prompt, "stop outside the vocabulary"
         if r.HasField("expected_position") and r.expected_position < 0:
             return prompt, "negative expected_position"
         return prompt, None
