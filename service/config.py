@@ -172,6 +172,17 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
         parser.error(
             "--max-resident-sessions and --max-batch-wait-ms must be >= 0 and --snapshot-interval-seconds > 0"
         )
+    # Every request the limits allow must be admissible: the engine queue holds a whole Generate
+    # (prompt + max_tokens), and a message can carry the largest text (4 bytes per character).
+    largest = config.max_tokens_per_request + config.max_generate_tokens
+    if config.max_queued_tokens < largest:
+        parser.error(f"--max-queued-tokens {config.max_queued_tokens} is less than the largest request the other "
+                     f"limits allow ({largest}: --max-tokens-per-request + --max-generate-tokens), which could "
+                     "never run; raise it or lower those")
+    needed = 4 * config.max_tokens_per_request + 1024
+    if config.max_message_bytes < needed:
+        parser.error(f"--max-message-bytes {config.max_message_bytes} cannot carry a request of "
+                     f"--max-tokens-per-request {config.max_tokens_per_request} characters (up to {needed} bytes)")
     if config.max_resident_sessions and config.durability == "none":
         # An evicted session goes to the state store; with no store the bound could only be ignored.
         parser.error(

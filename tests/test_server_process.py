@@ -269,6 +269,8 @@ def test_a_resident_limit_without_a_store_is_refused(capsys: pytest.CaptureFixtu
         ("negative-grace", "--grace-seconds must be >= 0"),
         ("durability-typo-in-env", "LSTM_SERVE_DURABILITY='jounral' must be one of none, snapshot, journal"),
         ("dtype-typo-in-env", "LSTM_SERVE_DTYPE='fp16' must be one of float32, bfloat16, float16"),
+        ("queue-below-the-largest-request", "--max-queued-tokens 1000 is less than the largest request"),
+        ("message-limit-below-the-largest-request", "--max-message-bytes 10 cannot carry a request"),
     ],
 )
 def test_common_startup_mistakes_are_one_line_and_exit_2(
@@ -292,6 +294,8 @@ def test_common_startup_mistakes_are_one_line_and_exit_2(
         "metrics-port-out-of-range": ["--metrics-port", "99999"],
         "negative-threads": ["--threads", "-1"],
         "negative-grace": ["--grace-seconds", "-1"],
+        "queue-below-the-largest-request": ["--max-queued-tokens", "1000"],
+        "message-limit-below-the-largest-request": ["--max-message-bytes", "10"],
     }.get(case, [])
     if case == "durability-typo-in-env":
         env["LSTM_SERVE_DURABILITY"] = "jounral"

@@ -404,6 +404,41 @@ async def test_a_stream_that_never_reads_large_answers_is_held_to_a_byte_bound(
             assert 2 <= most <= 3, most  # pipelined, but never more answers pending than the bound
 
 
+async def test_two_pipelining_streams_share_the_engine_queue(tiny_checkpoint: Path) -> None:
+    """One stream holds at most 1/STREAM_SHARE_OF_QUEUE of --max-queued-tokens: two clients that
+    pipeline more than the whole queue (lstm-client score does) both finish; they used to fill the
+    queue and fail each other with RESOURCE_EXHAUSTED."""
+    from service.server import STREAM_SHARE_OF_QUEUE
+
+    queue = 1024
+    with run_server(tiny_checkpoint, max_queued_tokens=queue, max_tokens_per_request=64, max_chunk_tokens=1) as srv:
+        engine = srv.engine
+        async with grpc.aio.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sids = [(await stub.CreateSession(pb.CreateSessionRequest())).session.session_id for _ in range(2)]
+            calls = [stub.StreamSteps(iter([pb.StepRequest(session_id=sid, tokens=[3] * 64, top_k=0)] * 40))
+                     for sid in sids]
+            most = 0
+
+            async def watch() -> None:
+                nonlocal most
+                while True:
+                    most = max(most, engine.scheduler.queued_tokens + engine._inbox_tokens)
+                    await asyncio.sleep(0.001)
+
+            watcher = asyncio.create_task(watch())
+            try:
+                answers = await asyncio.gather(*[asyncio.wait_for(_positions(call, 40), 60) for call in calls])
+            finally:
+                watcher.cancel()
+            assert answers == [[64 * (i + 1) for i in range(40)]] * 2
+            assert most <= 2 * (queue // STREAM_SHARE_OF_QUEUE + 64), most
+
+
+async def _positions(call: Any, n: int) -> list[int]:
+    return [(await call.read()).position for _ in range(n)]
+
+
 # ---- 1,000 concurrent streams and bursts past the limits, memory ----------------------------------------
 
 STREAMS = 1000
