@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -24,7 +25,7 @@ class ServerConfig:
     port_file: str = field(default="", metadata={"help": "write the bound gRPC port here once serving"})
     metrics_host: str = field(default="", metadata={"help": "Prometheus /metrics bind address (default: --host)"})
     metrics_port: int = field(default=9400, metadata={"help": "Prometheus /metrics port (0 = any, -1 = off)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda (auto: cuda when available)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N (auto: cuda when available)"})
     dtype: str = field(default="float32", metadata={"help": "model compute dtype: float32, bfloat16 or float16"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
     log_format: str = field(default="human", metadata={"help": "human or json (one object per line)"})
@@ -106,8 +107,8 @@ class ServerConfig:
         return Durability(self.durability, self.snapshot_interval_seconds, self.restore)
 
 
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # cuda:N picks one GPU of several
 CHOICES = {
-    "device": ["auto", "cpu", "cuda"],
     "dtype": ["float32", "bfloat16", "float16"],
     "log_format": ["human", "json"],
     "log_level": ["debug", "info", "warning", "error"],
@@ -136,10 +137,8 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
                 default = kind(environ[env])
             except ValueError:
                 parser.error(f"environment variable {env}={environ[env]!r} is not a valid {kind.__name__}")
-            # argparse checks choices for flags only, not for defaults: a typo such as
-            # durability=jounral would otherwise start quietly in another mode.
-            if f.name in CHOICES and default not in CHOICES[f.name]:
-                parser.error(f"environment variable {env}={environ[env]!r} must be one of {', '.join(CHOICES[f.name])}")
+            if f.name in CHOICES or f.name == "device":
+                default = default.strip().lower()  # (LOG_LEVEL=INFO as logging spells it)
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -155,6 +154,16 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
     parser = build_parser(environ)
     ns = parser.parse_args(argv)
     config = ServerConfig(**vars(ns))
+    environ = dict(os.environ) if environ is None else environ
+    # argparse checks choices for flags, not for defaults, so a value outside them came from the
+    # environment (and no flag overrode it): a typo such as durability=jounral must not start
+    # quietly in another mode.
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            parser.error(f"environment variable {env_name(name)}={environ.get(env_name(name))!r} must be one of "
+                         f"{', '.join(allowed)}")
+    if not DEVICE_RE.match(config.device):
+        parser.error(f"--device / {env_name('device')} must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     for name in ("max_sessions", "max_tokens_per_request", "max_generate_tokens", "default_ttl_seconds",
                  "max_ttl_seconds", "max_batch_sessions", "max_batch_tokens", "max_chunk_tokens",
                  "max_queued_tokens", "max_message_bytes", "max_concurrent_rpcs"):

@@ -118,7 +118,7 @@ REPLAY_UNTRACKED_TOKENS = 16
 
 # A graceful stop writes every changed session; a failed final write loses acknowledged work in
 # snapshot mode, so it is retried (each attempt waits up to SQLite's 5 s for a write lock).
-FINAL_SNAPSHOT_ATTEMPTS = 3
+FINAL_SNAPSHOT_ATTEMPTS = 2
 FINAL_SNAPSHOT_RETRY_SECONDS = 1.0
 
 REGROUP_SHARE_OF_STEP = 0.5
@@ -252,6 +252,7 @@ class _StepJob:
     expected_position: int | None
     options: StepOptions
     group: StepGroup | None = None  # the stream it came on, if any
+    session: Any = None  # the _Session it was sent to (not another one created later with its id)
     checked: bool = False  # expected_position and replay checked (on first run)
     start_position: int = -1  # session position before this step
     parts: list[RowOutput] = field(default_factory=list)
@@ -263,6 +264,7 @@ class _GenerateJob:
     expected_position: int | None
     params: GenerateParams
     seed_bits: int  # the seed as int64 bits
+    session: Any = None  # the _Session it was sent to (not another one created later with its id)
     checked: bool = False  # expected_position checked (on first run)
     text: str = ""  # generated so far, for stop strings
     first_token_at: float | None = None
@@ -300,10 +302,11 @@ class Engine:
         resident = self.limits.max_resident_sessions or self.limits.max_sessions
         if self.store is None:
             resident = self.limits.max_sessions
-        self.max_resident = max(min(resident, self.limits.max_sessions), self.limits.max_batch_sessions)
+        # One step needs its batch resident, a fork its source and its copy.
+        self.max_resident = max(min(resident, self.limits.max_sessions), self.limits.max_batch_sessions, 2)
         if self.store is not None and self.limits.max_resident_sessions and self.max_resident > resident:
             log.warning(
-                "max_resident_sessions %d raised to %d (max_batch_sessions): one step needs that many resident",
+                "max_resident_sessions %d raised to %d: a step needs max_batch_sessions resident, a fork 2",
                 resident, self.max_resident,
             )
         self.runner = ModelRunner(
@@ -341,6 +344,7 @@ class Engine:
         self._return_rate = 1.0  # moving average of the share of waited-for sessions that came back
         self._steps_since_hold = 0
         self._unsaved_at_stop = 0  # sessions whose latest state the final snapshot could not store
+        self._hurry = threading.Event()  # a second signal: no retry of a failed final snapshot
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -380,6 +384,10 @@ class Engine:
             if hurry is not None and hurry.is_set():
                 return
             await asyncio.sleep(0.02)
+
+    def hurry(self) -> None:
+        """Stop as soon as possible: no further attempt at a failed final snapshot."""
+        self._hurry.set()
 
     def stop(self) -> bool:
         """Stop the engine thread; with a store, write every changed session first.
@@ -519,12 +527,18 @@ class Engine:
 
         await self._on_engine(delete)
 
+    def _still(self, submitted: _Session) -> _Session:
+        """The session a control was sent to, if it still exists (not another with its id)."""
+        if self._sessions.get(submitted.key) is not submitted:
+            raise NotFoundError(f"session {short_id(submitted.session_id)} was deleted or expired")
+        return submitted
+
     async def reset_session(self, owner: str, session_id: str) -> SessionInfo:
         self._check_accepting()
-        self._lookup(owner, session_id)
+        submitted = self._lookup(owner, session_id)
 
         def reset() -> SessionInfo:
-            record = self._lookup(owner, session_id)
+            record = self._still(submitted)
             self._check_model(record)
             if record.slot >= 0:
                 self.runner.zero(record.slot)
@@ -547,12 +561,12 @@ class Engine:
         self, owner: str, session_id: str, ttl_seconds: int | None = None, new_session_id: str = ""
     ) -> SessionInfo:
         self._check_accepting()
-        self._lookup(owner, session_id)
+        submitted = self._lookup(owner, session_id)
         ttl = self._ttl(ttl_seconds)
         new_id = self._new_id(new_session_id, "new_session_id")
 
         def fork() -> SessionInfo:
-            source = self._lookup(owner, session_id)
+            source = self._still(submitted)
             self._check_model(source)
             source.last_used = time.monotonic()
             return self._create(owner, ttl, new_id, copy_from=source)
@@ -816,7 +830,7 @@ class Engine:
         record = self._lookup(owner, session_id)
         self._admit(len(tokens))
         future: asyncio.Future[StepResult] = self._loop.create_future()
-        job = _StepJob(future, expected_position, options, group)
+        job = _StepJob(future, expected_position, options, group, session=record)
         item = WorkItem(record.key, WorkKind.STEP, list(tokens), payload=job, enqueued_at=time.monotonic())
         self._inbox.append(item)
         self._notify()
@@ -890,11 +904,11 @@ class Engine:
         self.validate_generate(params)
         if expected_position is not None and expected_position < 0:
             raise InvalidArgumentError(f"expected_position must be >= 0, got {expected_position}")
-        self._lookup(owner, session_id)
+        record = self._lookup(owner, session_id)
         self._admit(len(prompt) + params.max_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         queue: asyncio.Queue[GeneratedToken | BaseException | None] = asyncio.Queue()
-        job = _GenerateJob(queue, expected_position, params, to_signed64(seed))
+        job = _GenerateJob(queue, expected_position, params, to_signed64(seed), session=record)
         item = WorkItem(
             session_key(owner, session_id),
             WorkKind.GENERATE,
@@ -943,6 +957,16 @@ class Engine:
                 log.exception("engine step failed")
                 self._pinned.clear()
                 self._fail_plan(plan, EngineError("internal error while running the model step"))
+        # What has started runs its input to the end, as a cancelled request's does (applied wholly
+        # or not at all: a retry after the restart finds it whole); everything else is dropped.
+        self.scheduler.cancel_all()
+        while plan := self.scheduler.schedule():
+            try:
+                self._execute(plan)
+            except Exception:
+                log.exception("engine step failed")
+                self._pinned.clear()
+                self._fail_plan(plan, EngineError("internal error while running the model step"))
         if self.store is not None:
             self._final_snapshot()  # graceful stop: nothing applied is lost
 
@@ -965,9 +989,10 @@ class Engine:
                 self._unsaved_at_stop = len(dirty)
                 log.error("final snapshot of %d sessions failed (attempt %d of %d): %s",
                           len(dirty), attempt, FINAL_SNAPSHOT_ATTEMPTS, e)
-                if attempt < FINAL_SNAPSHOT_ATTEMPTS:
+                if attempt < FINAL_SNAPSHOT_ATTEMPTS and not self._hurry.is_set():
                     time.sleep(FINAL_SNAPSHOT_RETRY_SECONDS)
-                continue
+                    continue
+                break
             for r in dirty:
                 r.dirty = False
             self._unsaved_at_stop = 0
@@ -1151,7 +1176,7 @@ class Engine:
         job = item.payload
         try:
             record = self._sessions.get(item.session_key)
-            if record is None:
+            if record is None or record is not job.session:  # (deleted, perhaps created anew with its id)
                 raise NotFoundError(f"session {short_id(public_id(item.session_key))} was deleted or expired")
             self._make_resident(record)
             self._pinned.add(record.slot)

@@ -178,6 +178,13 @@ class Scheduler:
         item.cancelled = True
 
 
+    def cancel_all(self) -> None:
+        """Cancel everything queued (the engine is stopping); see `cancel`."""
+        for queue in self._queues.values():
+            for item in queue:
+                item.cancelled = True
+
+
 def _cancelled_out(item: WorkItem) -> bool:
     """A cancelled item leaves the queue: it has not started, or its input has all run."""
     return not item.started or item.remaining_input == 0

@@ -437,6 +437,8 @@ class _StepStream:
                 if isinstance(request, Malformed):
                     raise MalformedRequestError(request.message())
                 tokens, expected, options = self.servicer._step_args(request)
+                while self.inflight and self.pending_tokens + len(tokens) > self.max_pending_tokens:
+                    await self._room_for_more()  # (checked before submitting: the share is a bound)
                 future, item = engine.submit_step(
                     self.owner, request.session_id, tokens, expected, options, self.group
                 )
@@ -446,22 +448,22 @@ class _StepStream:
                 self.pending_tokens += len(tokens)
                 if self.waiter is not None and len(self.inflight) == 1:
                     future.add_done_callback(self._wake)  # wake run() when the answer is ready, not before
-                if (
-                    len(self.inflight) >= MAX_STREAM_IN_FLIGHT
-                    or self.pending_bytes >= MAX_STREAM_PENDING_BYTES
-                    or self.pending_tokens >= self.max_pending_tokens
-                ):
-                    self.room = asyncio.get_running_loop().create_future()
-                    try:
-                        await self.room
-                    finally:
-                        self.room = None
+                if len(self.inflight) >= MAX_STREAM_IN_FLIGHT or self.pending_bytes >= MAX_STREAM_PENDING_BYTES:
+                    await self._room_for_more()
         except Exception as e:  # a bad request, or reading the stream failed: end it with that status, in order
             self.error = e
         finally:
             self.reading = False
             if not self.inflight:
                 self._wake()
+
+    async def _room_for_more(self) -> None:
+        """Wait until run() has written the next answer out."""
+        self.room = asyncio.get_running_loop().create_future()
+        try:
+            await self.room
+        finally:
+            self.room = None
 
     async def run(self) -> None:
         reader = asyncio.create_task(self._read())
@@ -689,6 +691,7 @@ async def serve(config: ServerConfig) -> int:
             if not hurry.is_set():
                 log.warning("second signal: stopping now, without waiting for calls in flight")
             hurry.set()
+            server.engine.hurry()
         stop_requested.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):

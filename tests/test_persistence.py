@@ -487,4 +487,47 @@ def test_a_final_snapshot_that_cannot_be_written_is_reported(
 
         monkeypatch.setattr(running.engine.store.store, "save_snapshots", fail)
         assert running.call(running.server.stop(grace=1.0)) is stored
-        assert len(calls) == 1 + 3  # the background write queued at stop, then three attempts
+        assert len(calls) == 1 + service.engine.FINAL_SNAPSHOT_ATTEMPTS  # the background write, then each attempt
+
+
+def test_a_second_signal_skips_retrying_a_failed_final_snapshot(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    import service.engine
+
+    with run_server(tiny_checkpoint, durability="snapshot", state_dir=str(tmp_path / "state"),
+                    snapshot_interval_seconds=3600.0) as running:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            stub.Step(pb.StepRequest(session_id=sid, text="To be"))
+        calls = []
+
+        def fail(snapshots: object) -> None:
+            calls.append(snapshots)
+            raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(running.engine.store.store, "save_snapshots", fail)
+        running.engine.hurry()
+        assert running.call(running.server.stop(grace=1.0)) is False
+        assert len(calls) == 1 + 1 < 1 + service.engine.FINAL_SNAPSHOT_ATTEMPTS  # the background write, one attempt
+
+
+def test_a_fork_works_with_one_resident_session_asked_for(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A fork needs its source and its copy on the device: the resident limit is at least 2 (with 1,
+    every fork was RESOURCE_EXHAUSTED 'retry shortly', forever)."""
+    with run_server(tiny_checkpoint, durability="snapshot", state_dir=str(tmp_path / "state"),
+                    max_resident_sessions=1, max_batch_sessions=1) as running:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
+            stub.Step(pb.StepRequest(session_id=sid, text="To be"))
+            fork = stub.ForkSession(pb.ForkSessionRequest(session_id=sid)).session
+            assert fork.position == 5
+            other = stub.CreateSession(pb.CreateSessionRequest()).session.session_id  # evicts one of them
+            stub.Step(pb.StepRequest(session_id=other, text="x"))
+            a = stub.Step(pb.StepRequest(session_id=sid, text=" or", top_k=3))
+            b = stub.Step(pb.StepRequest(session_id=fork.session_id, text=" or", top_k=3))
+            assert a.outputs[-1].top_tokens == b.outputs[-1].top_tokens and a.position == b.position == 8

@@ -343,3 +343,62 @@ def test_the_startup_line_names_the_durability_and_grpc_writes_no_info_lines(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_environment_values_are_checked_after_flags_and_spelled_as_logging_does(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ok = parse_config(["--durability", "journal"], environ={"LSTM_SERVE_DURABILITY": "jounral"})
+    assert ok.durability == "journal"  # flag > environment: the typo is not used, so not an error
+    assert parse_config([], environ={"LSTM_SERVE_LOG_LEVEL": "INFO"}).log_level == "info"
+    assert parse_config([], environ={"LSTM_SERVE_DEVICE": "cuda:1"}).device == "cuda:1"
+    assert parse_config(["--device", "cuda:0"], environ={}).device == "cuda:0"
+    for environ in ({"LSTM_SERVE_DURABILITY": "jounral"}, {"LSTM_SERVE_DEVICE": "gpu"}):
+        with pytest.raises(SystemExit):
+            parse_config([], environ=environ)
+    assert "LSTM_SERVE_DEVICE must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+
+
+def test_a_stop_never_leaves_a_request_half_applied(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """SIGTERM and at once a second signal while 8 streams pipeline 16-token requests that run in
+    4-token chunks: every request that started is finished before the final write (a stop used to
+    store positions inside requests, so a retry with expected_position got ABORTED)."""
+    proc, port = start(tiny_checkpoint, tmp_path, "--durability", "journal", "--max-chunk-tokens", "4",
+                       "--grace-seconds", "30")
+    answered: dict[str, int] = {}
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sids = [stub.CreateSession(pb.CreateSessionRequest()).session.session_id for _ in range(8)]
+
+            def pipeline(sid: str) -> None:
+                try:
+                    for answer in stub.StreamSteps(iter([pb.StepRequest(session_id=sid, tokens=[2] * 16)] * 400)):
+                        answered[sid] = answer.position
+                except grpc.RpcError:
+                    pass
+
+            readers = [threading.Thread(target=pipeline, args=(sid,), daemon=True) for sid in sids]
+            for reader in readers:
+                reader.start()
+            while sum(answered.values()) < 8 * 16 * 5:
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 0
+            for reader in readers:
+                reader.join(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (tmp_path / "port").unlink()
+    proc, port = start(tiny_checkpoint, tmp_path, "--durability", "journal")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            stored = {sid: stub.GetSession(pb.GetSessionRequest(session_id=sid)).session.position for sid in sids}
+        assert all(stored[sid] >= answered.get(sid, 0) for sid in sids), (stored, answered)  # nothing answered lost
+        assert all(position % 16 == 0 for position in stored.values()), stored  # only whole requests
+    finally:
+        proc.kill()

@@ -416,7 +416,8 @@ async def test_two_pipelining_streams_share_the_engine_queue(tiny_checkpoint: Pa
         async with grpc.aio.insecure_channel(srv.target) as channel:
             stub = pb_grpc.LstmServiceStub(channel)
             sids = [(await stub.CreateSession(pb.CreateSessionRequest())).session.session_id for _ in range(2)]
-            calls = [stub.StreamSteps(iter([pb.StepRequest(session_id=sid, tokens=[3] * 64, top_k=0)] * 40))
+            # 48 tokens: 128 is not a multiple, so a stream must wait before a request that would pass its share
+            calls = [stub.StreamSteps(iter([pb.StepRequest(session_id=sid, tokens=[3] * 48, top_k=0)] * 40))
                      for sid in sids]
             most = 0
 
@@ -431,8 +432,38 @@ async def test_two_pipelining_streams_share_the_engine_queue(tiny_checkpoint: Pa
                 answers = await asyncio.gather(*[asyncio.wait_for(_positions(call, 40), 60) for call in calls])
             finally:
                 watcher.cancel()
-            assert answers == [[64 * (i + 1) for i in range(40)]] * 2
-            assert most <= 2 * (queue // STREAM_SHARE_OF_QUEUE + 64), most
+            assert answers == [[48 * (i + 1) for i in range(40)]] * 2
+            assert most <= 2 * (queue // STREAM_SHARE_OF_QUEUE), most
+
+
+async def test_work_for_a_deleted_session_never_runs_on_a_new_one_with_its_id(slow_server: RunningServer) -> None:
+    """Delete and create again with the same id, back to back: the old session's running Generate,
+    queued Step and queued Reset end NOT_FOUND; the new session gets none of their tokens."""
+    async with grpc.aio.insecure_channel(slow_server.target) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        sid = (await stub.CreateSession(pb.CreateSessionRequest())).session.session_id
+        generate = stub.Generate(pb.GenerateRequest(session_id=sid, prompt_tokens=[1] * 300, max_tokens=4000, seed=1))
+        await generate.read()  # the prompt is in: it has started
+        step = stub.Step(pb.StepRequest(session_id=sid, tokens=[1, 2, 3]))
+        reset = stub.ResetSession(pb.ResetSessionRequest(session_id=sid))
+        await asyncio.sleep(0.05)
+        engine = slow_server.engine
+
+        async def delete_then_create() -> Any:  # both in the engine's inbox, in this order, at once
+            delete = asyncio.ensure_future(engine.delete_session("", sid))
+            create = asyncio.ensure_future(engine.create_session("", session_id=sid))
+            await delete
+            return await create
+
+        created = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(delete_then_create(), slow_server.loop))
+        assert created.position == 0
+        assert (await code_of(step))[0] == Code.NOT_FOUND
+        assert (await code_of(reset))[0] == Code.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while await generate.read() is not grpc.aio.EOF:
+                pass
+        assert ended.value.code() == Code.NOT_FOUND
+        assert (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).session.position == 0
 
 
 async def _positions(call: Any, n: int) -> list[int]:
