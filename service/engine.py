@@ -344,7 +344,7 @@ class Engine:
         self._return_rate = 1.0  # moving average of the share of waited-for sessions that came back
         self._steps_since_hold = 0
         self._unsaved_at_stop = 0  # sessions whose latest state the final snapshot could not store
-        self._hurry = threading.Event()  # a second signal: no retry of a failed final snapshot
+        self._hurry = threading.Event()  # see hurry()
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -376,18 +376,21 @@ class Engine:
         """Refuse new work; what is queued still runs."""
         self._draining = True
 
-    async def drain(self, grace_seconds: float, hurry: asyncio.Event | None = None) -> None:
-        """Refuse new work and wait (at most grace_seconds, or until `hurry` is set) for the rest."""
+    async def drain(self, grace_seconds: float) -> None:
+        """Refuse new work and wait (at most grace_seconds, or until `hurry()`) for the rest."""
         self.begin_drain()
         deadline = time.monotonic() + grace_seconds
-        while (self.scheduler.queued_items or self._inbox) and time.monotonic() < deadline:
-            if hurry is not None and hurry.is_set():
-                return
+        while (self.scheduler.queued_items or self._inbox) and time.monotonic() < deadline and not self.hurried:
             await asyncio.sleep(0.02)
 
     def hurry(self) -> None:
-        """Stop as soon as possible: no further attempt at a failed final snapshot."""
+        """Stop as soon as possible (a second signal): the drain ends, a failed final snapshot is
+        not retried. Safe from any thread."""
         self._hurry.set()
+
+    @property
+    def hurried(self) -> bool:
+        return self._hurry.is_set()
 
     def stop(self) -> bool:
         """Stop the engine thread; with a store, write every changed session first.
@@ -951,24 +954,22 @@ class Engine:
                     self.metrics.queue_depth.set(self.scheduler.queued_items)
                 self._wake.wait(timeout=1.0)
                 continue
-            try:
-                self._execute(plan)
-            except Exception:  # never let one bad step take the engine down
-                log.exception("engine step failed")
-                self._pinned.clear()
-                self._fail_plan(plan, EngineError("internal error while running the model step"))
+            self._execute_safely(plan)
         # What has started runs its input to the end, as a cancelled request's does (applied wholly
         # or not at all: a retry after the restart finds it whole); everything else is dropped.
         self.scheduler.cancel_all()
         while plan := self.scheduler.schedule():
-            try:
-                self._execute(plan)
-            except Exception:
-                log.exception("engine step failed")
-                self._pinned.clear()
-                self._fail_plan(plan, EngineError("internal error while running the model step"))
+            self._execute_safely(plan)
         if self.store is not None:
             self._final_snapshot()  # graceful stop: nothing applied is lost
+
+    def _execute_safely(self, plan: StepPlan) -> None:
+        try:
+            self._execute(plan)
+        except Exception:  # never let one bad step take the engine down
+            log.exception("engine step failed")
+            self._pinned.clear()
+            self._fail_plan(plan, EngineError("internal error while running the model step"))
 
     def _final_snapshot(self) -> None:
         """Write every changed session before the engine stops, retrying a failed write."""
@@ -980,28 +981,27 @@ class Engine:
             self.store.flush()
             dirty = [r for key in self._resident if (r := self._sessions[key]).dirty]
             if not dirty:
-                self._unsaved_at_stop = 0
                 return
             try:
                 states = self.runner.read_states([r.slot for r in dirty])
                 self.store.save_snapshots([self._snapshot_of(r, True, st) for r, st in zip(dirty, states)])
             except Exception as e:
-                self._unsaved_at_stop = len(dirty)
                 log.error("final snapshot of %d sessions failed (attempt %d of %d): %s",
                           len(dirty), attempt, FINAL_SNAPSHOT_ATTEMPTS, e)
-                if attempt < FINAL_SNAPSHOT_ATTEMPTS and not self._hurry.is_set():
+                if attempt < FINAL_SNAPSHOT_ATTEMPTS and not self.hurried:
                     time.sleep(FINAL_SNAPSHOT_RETRY_SECONDS)
                     continue
-                break
+                if self.durability.mode == "snapshot":
+                    log.error("%d sessions could not be stored at shutdown: their changes since the last "
+                              "snapshot are lost", len(dirty))
+                    self._unsaved_at_stop = len(dirty)
+                else:  # nothing acknowledged is lost
+                    log.error("%d sessions could not be stored at shutdown: their journal still holds every "
+                              "acknowledged step", len(dirty))
+                return
             for r in dirty:
                 r.dirty = False
-            self._unsaved_at_stop = 0
             return
-        lost = "their changes since the last snapshot are lost" if self.durability.mode == "snapshot" else (
-            "their journal still holds every acknowledged step")
-        log.error("%d sessions could not be stored at shutdown: %s", self._unsaved_at_stop, lost)
-        if self.durability.mode != "snapshot":
-            self._unsaved_at_stop = 0  # nothing acknowledged is lost
 
     def _drain_inbox(self) -> list[str]:
         """Move submitted work to the scheduler; the session keys of the work items moved."""

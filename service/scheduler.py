@@ -177,7 +177,6 @@ class Scheduler:
         Decided on the engine thread, which alone sets `started`, so there is no race."""
         item.cancelled = True
 
-
     def cancel_all(self) -> None:
         """Cancel everything queued (the engine is stopping); see `cancel`."""
         for queue in self._queues.values():

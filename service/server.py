@@ -528,9 +528,9 @@ class LstmServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace: float | None = None, hurry: asyncio.Event | None = None) -> bool:
-        """Stop taking new work, finish what is in flight within `grace` seconds (less if `hurry`
-        is set meanwhile), shut down. False when the final snapshot could not store every
+    async def stop(self, grace: float | None = None) -> bool:
+        """Stop taking new work, finish what is in flight within `grace` seconds (less after
+        `engine.hurry()`), shut down. False when the final snapshot could not store every
         session's latest state (snapshot mode: that work is lost; the log says how much)."""
         if self._stopped:
             return True
@@ -539,11 +539,11 @@ class LstmServer:
         deadline = time.monotonic() + grace
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.engine.drain(grace, hurry)
+        await self.engine.drain(grace)
         # The engine's work is done (or the time is up): what is left are answers on their way
         # out and idle streams (a health Watch, a StreamSteps between requests), which would
         # otherwise hold the process for the whole grace period. One grace period in all.
-        left = 0.0 if hurry is not None and hurry.is_set() else max(0.0, deadline - time.monotonic())
+        left = 0.0 if self.engine.hurried else max(0.0, deadline - time.monotonic())
         await self.grpc_server.stop(grace=min(left, FINAL_WRITE_SECONDS))
         stored = await asyncio.to_thread(self.engine.stop)  # (the final snapshot, off the event loop)
         if self._stop_metrics is not None:
@@ -683,14 +683,13 @@ async def serve(config: ServerConfig) -> int:
             log.error("refusing to start: cannot write --port-file %s (%s)", config.port_file, e.strerror or e)
             await server.stop(grace=0)
             return 2
-    stop_requested, hurry = asyncio.Event(), asyncio.Event()
+    stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
         if stop_requested.is_set():  # a second signal: stop now (what was applied is still stored)
-            if not hurry.is_set():
+            if not server.engine.hurried:
                 log.warning("second signal: stopping now, without waiting for calls in flight")
-            hurry.set()
             server.engine.hurry()
         stop_requested.set()
 
@@ -698,7 +697,7 @@ async def serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, on_signal)
     await stop_requested.wait()
     log.info("shutting down: draining for up to %.1fs (a second signal stops at once)", config.grace_seconds)
-    if not await server.stop(hurry=hurry):
+    if not await server.stop():
         log.error("stopped; the latest state of some sessions could not be stored (above)")
         return 1
     log.info("stopped")

@@ -65,24 +65,24 @@ def fits(result: StepResult) -> bool:
 def step_response(result: StepResult) -> pb.StepResponse:
     """The message server._step_response builds, for a result that `fits`."""
     n = len(result.tokens)
-    blocks: list[tuple[int, np.ndarray, int]] = []  # (tag, [n, m] bytes, width of one value)
-    blocks.append((_TOKEN, _padded_varints(np.asarray(result.tokens, np.int64), ID_WIDTH), 0))
+    blocks: list[tuple[int, np.ndarray, bool]] = []  # (tag, [n, m] bytes, a packed repeated field)
+    blocks.append((_TOKEN, _padded_varints(np.asarray(result.tokens, np.int64), ID_WIDTH), False))
     if result.top_tokens is not None and result.top_tokens.shape[1]:
-        blocks.append((_TOP_TOKENS, _padded_varints(result.top_tokens, ID_WIDTH).reshape(n, -1), ID_WIDTH))
+        blocks.append((_TOP_TOKENS, _padded_varints(result.top_tokens, ID_WIDTH).reshape(n, -1), True))
     for tag, array in ((_TOP_LOGPROBS, result.top_logprobs), (_LOGPROBS, result.logprobs), (_HIDDEN, result.hidden)):
         if array is not None and array.shape[1]:  # (proto3 writes no empty repeated field)
-            blocks.append((tag, np.ascontiguousarray(array, "<f4").view(np.uint8).reshape(n, -1), 4))
+            blocks.append((tag, np.ascontiguousarray(array, "<f4").view(np.uint8).reshape(n, -1), True))
     # Row layout: tag, length (for a repeated field), the bytes; then the row's own header.
-    body = sum(1 + (LENGTH_WIDTH if width else 0) + data.shape[1] for _, data, width in blocks)
+    body = sum(1 + (LENGTH_WIDTH if packed else 0) + data.shape[1] for _, data, packed in blocks)
     row = 1 + LENGTH_WIDTH + body
     rows = np.empty((n, row), np.uint8)
     rows[:, 0] = _OUTPUT
     rows[:, 1 : 1 + LENGTH_WIDTH] = _padded_varints(np.array(body), LENGTH_WIDTH)
     at = 1 + LENGTH_WIDTH
-    for tag, data, width in blocks:
+    for tag, data, packed in blocks:
         rows[:, at] = tag
         at += 1
-        if width:  # packed repeated: its length in bytes
+        if packed:  # its length in bytes
             rows[:, at : at + LENGTH_WIDTH] = _padded_varints(np.array(data.shape[1]), LENGTH_WIDTH)
             at += LENGTH_WIDTH
         rows[:, at : at + data.shape[1]] = data

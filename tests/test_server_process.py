@@ -146,8 +146,22 @@ def test_grpc_socket_layer_is_chosen_before_grpc_loads(preset: str | None) -> No
     assert out == repr((False, GRPC_EXPERIMENTS if preset is None else preset))
 
 
-def _generate_until_signalled(stub: pb_grpc.LstmServiceStub, sid: str) -> tuple[list[pb.GenerateResponse], list]:
-    """A long Generate read in a thread: (tokens received, [its final status code])."""
+def _stopped_by(proc: subprocess.Popen, *signals: int, apart: float = 0.5) -> float:
+    """Send the signals (`apart` seconds apart) and wait for exit status 0: seconds from the first."""
+    sent = time.monotonic()
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(apart)
+        proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 0
+    return time.monotonic() - sent
+
+
+def _generating(channel: grpc.Channel) -> tuple[str, list[pb.GenerateResponse], list]:
+    """A new session and a long Generate on it read in a thread: (session id, tokens received,
+    [its final status code]), once the first tokens are in."""
+    stub = pb_grpc.LstmServiceStub(channel)
+    sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
     tokens: list[pb.GenerateResponse] = []
     ended: list = []
     call = stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=100_000, seed=1))
@@ -162,7 +176,7 @@ def _generate_until_signalled(stub: pb_grpc.LstmServiceStub, sid: str) -> tuple[
     threading.Thread(target=read, daemon=True).start()
     while len(tokens) < 5:
         time.sleep(0.01)
-    return tokens, ended
+    return sid, tokens, ended
 
 
 def test_shutdown_takes_one_grace_period_in_all(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -171,13 +185,8 @@ def test_shutdown_takes_one_grace_period_in_all(tiny_checkpoint: Path, tmp_path:
     proc, port = start(tiny_checkpoint, tmp_path, "--grace-seconds", "3", "--max-generate-tokens", "100000")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.LstmServiceStub(channel)
-            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
-            tokens, ended = _generate_until_signalled(stub, sid)
-            signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-            took = time.monotonic() - signalled
+            _, tokens, ended = _generating(channel)
+            took = _stopped_by(proc, signal.SIGTERM)
             assert ended and ended[0] != grpc.StatusCode.OK and len(tokens) < 100_000
         assert took < 5.5, f"exit {took:.1f} s after SIGTERM with --grace-seconds 3"  # was 6+
     finally:
@@ -204,10 +213,7 @@ def test_idle_streams_do_not_hold_shutdown(tiny_checkpoint: Path, tmp_path: Path
 
             stream = stub.StreamSteps(inputs())
             assert next(stream).position == 1
-            signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
-            took = time.monotonic() - signalled
+            took = _stopped_by(proc, signal.SIGTERM)
             more.set()
         assert took < 10, f"exit {took:.1f} s after SIGTERM with --grace-seconds 20"
     finally:
@@ -220,15 +226,8 @@ def test_a_second_signal_stops_at_once_and_still_stores_the_sessions(tiny_checkp
                        "--snapshot-interval-seconds", "3600")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.LstmServiceStub(channel)
-            sid = stub.CreateSession(pb.CreateSessionRequest()).session.session_id
-            tokens, ended = _generate_until_signalled(stub, sid)
-            signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=60) == 0
-            took = time.monotonic() - signalled
+            sid, tokens, ended = _generating(channel)
+            took = _stopped_by(proc, signal.SIGTERM, signal.SIGINT)
             received = tokens[-1].position
         out = proc.stdout.read() if proc.stdout else ""
         assert "second signal: stopping now" in out
@@ -383,10 +382,7 @@ def test_a_stop_never_leaves_a_request_half_applied(tiny_checkpoint: Path, tmp_p
                 reader.start()
             while sum(answered.values()) < 8 * 16 * 5:
                 time.sleep(0.005)
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=60) == 0
+            _stopped_by(proc, signal.SIGTERM, signal.SIGINT, apart=0.05)
             for reader in readers:
                 reader.join(timeout=30)
     finally:
