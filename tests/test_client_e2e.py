@@ -823,3 +823,169 @@ def test_threads_share_a_client(client: Client) -> None:
     for t in threads:
         t.join()
     assert not errors
+
+
+# =========================================================== open calls, retries after a resync, deadlines, metadata
+
+GENERATE = "/lstmserve.v1.LstmService/Generate"
+
+
+class LoseArmedGenerate(grpc.UnaryStreamClientInterceptor):  # type: ignore[misc,unused-ignore]
+    """When armed, lets one Generate run on the server (its prompt fed, a token sampled), then
+    tells the caller the connection broke (UNAVAILABLE)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        call = continuation(client_call_details, request)
+        if self.armed and _method(client_call_details) == GENERATE:
+            self.armed = False
+            next(iter(call))  # the server has fed the prompt
+            call.cancel()
+            time.sleep(0.3)  # the cancellation settles on the server
+
+            class Lost:
+                def __iter__(self) -> Iterator[Any]:
+                    raise LostResponse()
+
+                def cancel(self) -> bool:
+                    return True
+
+            return Lost()
+        return call
+
+
+class AioLoseArmedGenerate(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc,unused-ignore]
+    def __init__(self) -> None:
+        self.armed = False
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        call = await continuation(client_call_details, request)
+        if self.armed and _method(client_call_details) == GENERATE:
+            self.armed = False
+            await call.read()
+            call.cancel()
+            await asyncio.sleep(0.3)
+
+            async def lost() -> AsyncIterator[Any]:
+                raise grpc.aio.AioRpcError(
+                    code=grpc.StatusCode.UNAVAILABLE,
+                    initial_metadata=grpc.aio.Metadata(),
+                    trailing_metadata=grpc.aio.Metadata(),
+                    details="simulated lost response",
+                )
+                yield  # pragma: no cover
+
+            return lost()
+        return call
+
+
+def test_generate_retried_after_a_resync_never_feeds_its_prompt_twice(server: Any) -> None:
+    """After a broken-off generation the session re-reads its position; a Generate whose first
+    attempt is then lost (prompt fed) must not run again at the server's new position."""
+    lossy = LoseArmedGenerate()
+    with Client(server.target, timeout=30, retries=FAST_RETRY, interceptors=[lossy]) as c, c.session() as s:
+        s.step("Hello")
+        for _ in s.generate(max_tokens=3, seed=1):
+            break  # the session is now stale
+        time.sleep(0.3)
+        lossy.armed = True
+        with pytest.raises(PositionConflict):
+            s.generate_text("ABC", max_tokens=5, seed=7)
+        assert s.info().position <= 5 + 3 + 3 + 5  # at most: Hello, the first generation, ABC + 5 once
+
+
+async def test_async_generate_retried_after_a_resync_never_feeds_its_prompt_twice(server: Any) -> None:
+    lossy = AioLoseArmedGenerate()
+    async with AsyncClient(server.target, timeout=30, retries=FAST_RETRY, interceptors=[lossy]) as c:
+        async with c.session() as s:
+            await s.step("Hello")
+            gen = s.generate(max_tokens=3, seed=1)
+            async for _ in gen:
+                break
+            await gen.aclose()
+            await asyncio.sleep(0.3)
+            lossy.armed = True
+            with pytest.raises(PositionConflict):
+                await s.generate_text("ABC", max_tokens=5, seed=7)
+
+
+def test_a_generation_kept_in_a_variable_is_closed_by_the_next_step(client: Client) -> None:
+    """`break` does not close a generator held in a variable; the session's next step does
+    (cancelling the call and re-reading the position) instead of conflicting with it."""
+    with client.session() as s:
+        tokens = s.generate(max_tokens=4000)
+        for i, _ in enumerate(tokens):
+            if i == 3:
+                break
+        r = s.step("x")  # PositionConflict before: the generation ran on behind it
+        assert r.position == s.info().position < 4000
+        results = s.stream(["a"] * 200, top_k=0)
+        next(results)
+        s.reset()
+        assert s.position == 0 and s.step("y").position == 1
+
+
+async def test_async_generation_kept_in_a_variable_is_closed_by_the_next_step(aclient: AsyncClient) -> None:
+    async with aclient.session() as s:
+        tokens = s.generate(max_tokens=4000)
+        i = 0
+        async for _ in tokens:
+            i += 1
+            if i == 3:
+                break
+        r = await s.step("x")
+        assert r.position == (await s.info()).position < 4000
+
+
+async def test_async_stream_past_its_deadline_raises_deadline_exceeded(aclient: AsyncClient) -> None:
+    """grpc.aio may end such a stream with INTERNAL ("Internal error from Core")."""
+    for _ in range(6):
+        async with aclient.session() as s:
+            with pytest.raises(DeadlineExceeded):
+                _ = [r async for r in s.stream(["a"] * 3000, timeout=0.01)]
+
+
+def test_generate_timeout_counts_from_the_first_iteration(client: Client) -> None:
+    with client.session() as s:
+        tokens = s.generate(max_tokens=3, timeout=0.5)
+        time.sleep(0.6)
+        assert len(list(tokens)) == 3
+        with pytest.raises(DeadlineExceeded, match="before the call was made"):
+            s.step("a", timeout=1e-9)
+
+
+def test_bad_token_or_metadata_refused_when_the_client_is_built(server: Any) -> None:
+    for kwargs in (
+        {"token": "tökén"},
+        {"token": "abc\ndef"},
+        {"metadata": [("Bad Key", "v")]},
+        {"metadata": [("grpc-timeout", "1S")]},
+        {"metadata": [("x-note", "naïve")]},
+    ):
+        with pytest.raises(InvalidInput):
+            Client(server.target, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="-bin"):
+        Client(server.target, metadata=[("x-blob-bin", "text")])
+    with pytest.raises(InvalidInput):
+        AsyncClient(server.target, token="tökén")
+    with Client(server.target, metadata=[("X-Note", "fine"), ("x-blob-bin", b"\x00\xff")]) as c:
+        assert c.model_info().vocab  # accepted by the server
+
+
+def test_cli_non_utf8_stdin_is_one_line(server: Any) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CLIENT_SRC), env.get("PYTHONPATH", "")]))
+    env["PYTHONIOENCODING"] = "utf-8"  # strict decoding, as under many UTF-8 locales
+    for command in (["score", "-"], ["chat"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "lstmserve_client.cli", "--target", server.target, *command],
+            input=b"abc \xff\xfe def\n",
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        stderr = proc.stderr.decode()
+        assert proc.returncode == 1 and stderr.startswith("lstm-client: error: <stdin> is not UTF-8 text"), stderr
+        assert "Traceback" not in stderr

@@ -27,7 +27,7 @@ from .datatypes import (
     TlsConfig,
     TokenOutput,
 )
-from .errors import DeadlineExceeded, InvalidInput, LstmServeError, ResourceExhausted
+from .errors import DeadlineExceeded, InvalidInput, LstmServeError, ResourceExhausted, from_rpc_error
 from .proto import lstm_service_pb2 as pb
 
 # A step's input: text (encoded by the server with the model's vocabulary) or token ids.
@@ -348,15 +348,56 @@ def channel_credentials(tls: TlsConfig, token: str | None) -> Any:
 
 
 def call_metadata(
-    token: str | None, tls: TlsConfig | None, extra: Sequence[tuple[str, str]]
-) -> tuple[tuple[str, str], ...]:
-    md: list[tuple[str, str]] = []
+    token: str | None, tls: TlsConfig | None, extra: Sequence[tuple[str, str | bytes]]
+) -> tuple[tuple[str, str | bytes], ...]:
+    md: list[tuple[str, str | bytes]] = []
+    token = check_token(token)  # (checked here for the channel credentials too: called first)
     if token and tls is None:
         # Call credentials need a secure channel; over plaintext (local testing) the token
         # travels as per-call metadata instead.
         md.append((AUTHORIZATION_HEADER, f"Bearer {token}"))
-    md.extend((k.lower(), v) for k, v in extra)
+    for key, value in extra:
+        md.append(check_metadata_entry(key, value))
     return tuple(md)
+
+
+def check_token(token: str | None) -> str | None:
+    """A bearer token travels as a header value: printable ASCII only (gRPC refuses anything
+    else on every call, as INTERNAL "Invalid metadata")."""
+    if token is None:
+        return None
+    if not isinstance(token, str):
+        raise TypeError(f"token must be a str or None, got {type(token).__name__}")
+    if not _printable_ascii(token) or token != token.strip():
+        raise InvalidInput("token must be printable ASCII with no leading or trailing spaces")
+    return token
+
+
+def check_metadata_entry(key: Any, value: Any) -> tuple[str, Any]:
+    """One (key, value) of extra call metadata, as gRPC accepts it: keys are lowercase letters,
+    digits and "-_."; "-bin" keys take bytes, the others printable ASCII text."""
+    if not isinstance(key, str):
+        raise TypeError(f"metadata keys must be str, got {type(key).__name__}")
+    name = key.lower()
+    if not name or not all(ch in _METADATA_KEY_CHARS for ch in name) or name.startswith("grpc-"):
+        raise InvalidInput(
+            f"metadata key {key!r} is not allowed: use lowercase letters, digits and '-_.' (not 'grpc-...')"
+        )
+    if name.endswith("-bin"):
+        if not isinstance(value, bytes):
+            raise TypeError(f"metadata key {key!r} ends in '-bin' and takes bytes, got {type(value).__name__}")
+    elif not isinstance(value, str):
+        raise TypeError(f"metadata value of {key!r} must be a str, got {type(value).__name__}")
+    elif not _printable_ascii(value):
+        raise InvalidInput(f"metadata value of {key!r} must be printable ASCII (use a '-bin' key for bytes)")
+    return name, value
+
+
+_METADATA_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def _printable_ascii(text: str) -> bool:
+    return all(" " <= ch <= "~" for ch in text)
 
 
 # --------------------------------------------------------------------------- retries
@@ -368,6 +409,10 @@ class Deadline:
     def __init__(self, timeout: float | None) -> None:
         self.timeout = timeout
         self.at = None if timeout is None else time.monotonic() + timeout
+        self.attempts = 0
+
+    def expired(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
 
     def remaining(self) -> float | None:
         if self.at is None:
@@ -377,10 +422,12 @@ class Deadline:
     def attempt_timeout(self) -> float | None:
         """The timeout of the next attempt; raises DeadlineExceeded when none is left."""
         rem = self.remaining()
+        self.attempts += 1
         if rem is None:
             return None
         if rem <= 0:
-            raise DeadlineExceeded(f"deadline of {self.timeout:g}s exceeded before the call could be retried")
+            when = "before the call could be retried" if self.attempts > 1 else "before the call was made"
+            raise DeadlineExceeded(f"deadline of {self.timeout:g}s exceeded {when}")
         return rem
 
     def sync_timeout(self) -> float | None:
@@ -426,6 +473,16 @@ REFUSED_CODES = frozenset(
         "UNIMPLEMENTED",
     }
 )
+
+
+def streaming_error(e: grpc.RpcError, deadline: Deadline) -> LstmServeError:
+    """The client error of a failed streaming call. grpc.aio sometimes ends a stream whose own
+    deadline passed with INTERNAL ("Internal error from Core") or CANCELLED instead of
+    DEADLINE_EXCEEDED; past the deadline those are reported as what they are."""
+    err = from_rpc_error(e)
+    if err.code in ("INTERNAL", "CANCELLED") and deadline.expired():
+        return DeadlineExceeded(f"deadline of {deadline.timeout:g}s exceeded ({err.code}: {err.details})")
+    return err
 
 
 def outcome_unknown(err: LstmServeError) -> bool:

@@ -51,7 +51,7 @@ class AsyncClient:
         token: str | None = None,
         tls: TlsConfig | bool | None = None,
         retries: RetryPolicy | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
+        metadata: Sequence[tuple[str, str | bytes]] = (),
         options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[Any] = (),
     ) -> None:
@@ -61,6 +61,7 @@ class AsyncClient:
         self._timeout = c.check_timeout(timeout)
         self._retries = retries if retries is not None else RetryPolicy()
         tls_config = c.normalize_tls(tls)
+        self._metadata = c.call_metadata(token, tls_config, metadata)
         opts = c.channel_options(tls_config, options)
         icpt = list(interceptors) or None
         if tls_config is None:
@@ -69,7 +70,6 @@ class AsyncClient:
             creds = c.channel_credentials(tls_config, token)
             self._channel = grpc.aio.secure_channel(target, creds, options=opts, interceptors=icpt)
         self._stub = pb_grpc.LstmServiceStub(self._channel)  # type: ignore[no-untyped-call,unused-ignore]
-        self._metadata = c.call_metadata(token, tls_config, metadata)
         self._info: ModelInfo | None = None
         self._closed = False
 
@@ -238,6 +238,7 @@ class AsyncSession:
         self._keep = keep
         self._deleted = False
         self._stale = False  # as in Session: re-read the position before the next step
+        self._open_call: AsyncGenerator[Any, None] | None = None  # as in Session: closed before the next
 
     @property
     def session_id(self) -> str:
@@ -301,6 +302,7 @@ class AsyncSession:
             return_logprobs=return_logprobs,
             return_hidden=return_hidden,
         )
+        await self._end_open_call()
         resynced = await self._sync_if_stale(timeout)
         req.expected_position = self._position
         vocab = await self._client._vocab(timeout)
@@ -335,7 +337,10 @@ class AsyncSession:
             raise TypeError("stream() takes an iterable of inputs (e.g. a list of str); for one input use step()")
         if not isinstance(inputs, (AsyncIterable, Iterable)):
             raise TypeError("inputs must be an iterable or an async iterable")
-        return self._stream(inputs, top_k, return_logprobs, return_hidden, timeout)
+        previous = self._open_call
+        results = self._stream(inputs, top_k, return_logprobs, return_hidden, timeout, previous)
+        self._open_call = results
+        return results
 
     async def _stream(
         self,
@@ -344,10 +349,12 @@ class AsyncSession:
         return_logprobs: bool,
         return_hidden: bool,
         timeout: float | None,
+        previous: AsyncGenerator[Any, None] | None,
     ) -> AsyncGenerator[StepResult, None]:
         client = self._client
         if client._closed:
             raise Cancelled("the client is closed")
+        await _close_calls(previous)
         vocab = await client._vocab(timeout)
         await self._sync_if_stale(timeout)
         failure: list[BaseException] = []
@@ -383,7 +390,8 @@ class AsyncSession:
             except Exception as e:
                 failure.append(e)
 
-        call = client._stub.StreamSteps(requests(), timeout=client._resolve_timeout(timeout), metadata=client._metadata)
+        deadline = c.Deadline(client._resolve_timeout(timeout))
+        call = client._stub.StreamSteps(requests(), timeout=deadline.timeout, metadata=client._metadata)
         done = False
         try:
             async for resp in call:
@@ -392,7 +400,7 @@ class AsyncSession:
                 yield result
             done = True
         except grpc.RpcError as e:
-            err = from_rpc_error(e)
+            err = c.streaming_error(e, deadline)
             if failure:
                 done = True
                 raise failure[0] from None
@@ -440,12 +448,19 @@ class AsyncSession:
             seed=seed,
             stop=stop,
         )
-        return self._generate(req, c.Deadline(self._client._resolve_timeout(timeout)))
+        previous = self._open_call
+        tokens = self._generate(req, self._client._resolve_timeout(timeout), previous)
+        self._open_call = tokens
+        return tokens
 
-    async def _generate(self, req: pb.GenerateRequest, deadline: c.Deadline) -> AsyncGenerator[GeneratedToken, None]:
+    async def _generate(
+        self, req: pb.GenerateRequest, timeout: float | None, previous: AsyncGenerator[Any, None] | None
+    ) -> AsyncGenerator[GeneratedToken, None]:
         client = self._client
         if client._closed:
             raise Cancelled("the client is closed")
+        deadline = c.Deadline(timeout)  # from the first iteration, as a stream's
+        await _close_calls(previous)
         resynced = await self._sync_if_stale(deadline.sync_timeout())
         req.expected_position = self._position
         attempt = 0
@@ -463,7 +478,7 @@ class AsyncSession:
                 done = True
                 return
             except grpc.RpcError as e:
-                err = from_rpc_error(e)
+                err = c.streaming_error(e, deadline)
                 done = not c.outcome_unknown(err)
             except asyncio.CancelledError:
                 if _closed_under(client):
@@ -473,7 +488,10 @@ class AsyncSession:
                 call.cancel()
                 if not done:
                     self._stale = True
-            if resynced and not got_any and isinstance(err, PositionConflict) and err.current_position is not None:
+            if (  # only the first attempt: a later one that conflicts found its prompt fed by a lost one
+                resynced and attempt == 1 and not got_any
+                and isinstance(err, PositionConflict) and err.current_position is not None
+            ):
                 resynced = False  # as in step(): run at the position the server reports
                 self._position = err.current_position
                 req.expected_position = self._position
@@ -538,6 +556,7 @@ class AsyncSession:
         return AsyncSession(client, new_id, position, keep=keep)
 
     async def reset(self, *, timeout: float | None = None) -> None:
+        await self._end_open_call()
         client = self._client
         req = pb.ResetSessionRequest(session_id=self._id)
         resp = await client._unary(client._stub.ResetSession, req, timeout=timeout)
@@ -550,6 +569,10 @@ class AsyncSession:
         self._position = info.position
         self._stale = False
         return info
+
+    async def _end_open_call(self) -> None:
+        calls, self._open_call = self._open_call, None
+        await _close_calls(calls)
 
     async def _sync_if_stale(self, timeout: float | None) -> bool:
         if not self._stale:
@@ -582,3 +605,12 @@ def _closed_under(client: AsyncClient) -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)  # Python 3.11+
     return not (cancelling is not None and cancelling())
+
+
+async def _close_calls(calls: AsyncGenerator[Any, None] | None) -> None:
+    """Close a session's earlier stream or generation (its call cancelled; a finished one: nothing)."""
+    if calls is not None:
+        try:
+            await calls.aclose()
+        except RuntimeError:  # being iterated by another task: an AsyncSession is not for sharing
+            pass

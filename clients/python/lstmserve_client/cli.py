@@ -182,7 +182,10 @@ def cmd_chat(args: argparse.Namespace, out: TextIO, inp: TextIO, err: TextIO) ->
                 if interactive:
                     err.write("> ")
                     err.flush()
-                line = inp.readline()
+                try:
+                    line = inp.readline()
+                except UnicodeDecodeError as e:
+                    raise CliError(f"<stdin> is not UTF-8 text: {e}") from None
                 if not line:
                     break
                 turn += 1
@@ -241,8 +244,11 @@ def score_text(client: Client, text: str, *, chunk_size: int = DEFAULT_CHUNK) ->
 
 def cmd_score(args: argparse.Namespace, out: TextIO, inp: TextIO) -> int:
     if args.file == "-":
-        text = inp.read()
         name = "<stdin>"
+        try:
+            text = inp.read()
+        except UnicodeDecodeError as e:
+            raise CliError(f"{name} is not UTF-8 text: {e}") from None
     else:
         raw = _read_file(args.file)
         name = args.file

@@ -51,7 +51,7 @@ class Client:
         token: str | None = None,
         tls: TlsConfig | bool | None = None,
         retries: RetryPolicy | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
+        metadata: Sequence[tuple[str, str | bytes]] = (),
         options: Sequence[tuple[str, Any]] = (),
         interceptors: Sequence[Any] = (),
     ) -> None:
@@ -61,6 +61,7 @@ class Client:
         self._timeout = c.check_timeout(timeout)
         self._retries = retries if retries is not None else RetryPolicy()
         tls_config = c.normalize_tls(tls)
+        self._metadata = c.call_metadata(token, tls_config, metadata)
         opts = c.channel_options(tls_config, options)
         if tls_config is None:
             channel = grpc.insecure_channel(target, options=opts)
@@ -70,7 +71,6 @@ class Client:
         if interceptors:
             channel = grpc.intercept_channel(channel, *interceptors)
         self._stub = pb_grpc.LstmServiceStub(channel)  # type: ignore[no-untyped-call,unused-ignore]
-        self._metadata = c.call_metadata(token, tls_config, metadata)
         self._info: ModelInfo | None = None
         self._info_lock = threading.Lock()
         self._closed = False
@@ -226,6 +226,10 @@ class Session:
         # (broken off by the caller, a deadline, a lost connection); the position is then
         # read from the server before the session's next step.
         self._stale = False
+        # The generator of this session's last stream or generation: closed (its call
+        # cancelled) before the next step, stream, generation or reset, since a loop's
+        # `break` does not close a generator the caller kept in a variable.
+        self._open_call: Generator[Any, None, None] | None = None
 
     @property
     def session_id(self) -> str:
@@ -299,6 +303,7 @@ class Session:
             return_logprobs=return_logprobs,
             return_hidden=return_hidden,
         )
+        self._end_open_call()
         resynced = self._sync_if_stale(timeout)
         req.expected_position = self._position
         vocab = self._client._vocab(timeout)
@@ -340,7 +345,10 @@ class Session:
         if self._client._closed:
             raise Cancelled("the client is closed")
         vocab = self._client._vocab(timeout)
-        return self._stream(iter(inputs), top_k, return_logprobs, return_hidden, timeout, vocab)
+        self._end_open_call()
+        results = self._stream(iter(inputs), top_k, return_logprobs, return_hidden, timeout, vocab)
+        self._open_call = results
+        return results
 
     def _stream(
         self,
@@ -377,10 +385,9 @@ class Session:
                 yield req
 
         client = self._client
+        deadline = c.Deadline(client._resolve_timeout(timeout))
         try:
-            call = client._stub.StreamSteps(
-                requests(), timeout=client._resolve_timeout(timeout), metadata=client._metadata
-            )
+            call = client._stub.StreamSteps(requests(), timeout=deadline.timeout, metadata=client._metadata)
         except ValueError as e:
             raise Cancelled(str(e)) from None
         done = False
@@ -391,7 +398,7 @@ class Session:
                 yield result
             done = True
         except grpc.RpcError as e:
-            err = from_rpc_error(e)
+            err = c.streaming_error(e, deadline)
             if failure:
                 done = True
                 raise failure[0] from None
@@ -435,10 +442,15 @@ class Session:
         )
         if self._client._closed:
             raise Cancelled("the client is closed")
-        return self._generate(req, c.Deadline(self._client._resolve_timeout(timeout)))
+        timeout_s = self._client._resolve_timeout(timeout)
+        self._end_open_call()
+        tokens = self._generate(req, timeout_s)
+        self._open_call = tokens
+        return tokens
 
-    def _generate(self, req: pb.GenerateRequest, deadline: c.Deadline) -> Generator[GeneratedToken, None, None]:
+    def _generate(self, req: pb.GenerateRequest, timeout: float | None) -> Generator[GeneratedToken, None, None]:
         client = self._client
+        deadline = c.Deadline(timeout)  # from the first iteration, as a stream's
         resynced = self._sync_if_stale(deadline.sync_timeout())
         req.expected_position = self._position
         attempt = 0
@@ -459,13 +471,16 @@ class Session:
                 done = True
                 return
             except grpc.RpcError as e:
-                err = from_rpc_error(e)
+                err = c.streaming_error(e, deadline)
                 done = not c.outcome_unknown(err)
             finally:
                 call.cancel()
                 if not done:
                     self._stale = True
-            if resynced and not got_any and isinstance(err, PositionConflict) and err.current_position is not None:
+            if (  # only the first attempt: a later one that conflicts found its prompt fed by a lost one
+                resynced and attempt == 1 and not got_any
+                and isinstance(err, PositionConflict) and err.current_position is not None
+            ):
                 resynced = False  # as in step(): run at the position the server reports
                 self._position = err.current_position
                 req.expected_position = self._position
@@ -532,6 +547,7 @@ class Session:
 
     def reset(self, *, timeout: float | None = None) -> None:
         """Zero the state; the position becomes 0."""
+        self._end_open_call()
         client = self._client
         resp = client._unary(client._stub.ResetSession, pb.ResetSessionRequest(session_id=self._id), timeout=timeout)
         assert resp is not None
@@ -544,6 +560,14 @@ class Session:
         self._position = info.position
         self._stale = False
         return info
+
+    def _end_open_call(self) -> None:
+        calls, self._open_call = self._open_call, None
+        if calls is not None:
+            try:
+                calls.close()  # (a finished one: nothing to do)
+            except ValueError:  # running in another thread: a Session is not thread-safe
+                pass
 
     def _sync_if_stale(self, timeout: float | None) -> bool:
         """After a broken stream or generation, read the position from the server until two
