@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -25,6 +26,7 @@ from bench.loadgen import MODES, TOKEN_SOURCES, BenchError, LoadSpec, check_loop
 from bench.models import cache_dir, reference_checkpoint, resolve_model
 from bench.spawn import SpawnedServer, parse_cpus
 from service import eventloop
+from service.config import DEVICE_RE
 
 
 def _ints(text: str) -> list[int]:
@@ -38,10 +40,50 @@ def _ints(text: str) -> list[int]:
 
 
 def _floats(text: str) -> list[float]:
+    """Comma-separated positive numbers (fractions, rates)."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
+    return values
+
+
+def _count(text: str) -> int:
+    """An integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """A device as lstm-serve's --device takes it (cuda:N included), so the sweep can pass the server's on."""
+    if not DEVICE_RE.match(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _add_server_options(p: argparse.ArgumentParser) -> None:
@@ -75,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", choices=TOKEN_SOURCES, default="random", help="input token source")
     p.add_argument("--generate-tokens", type=int, default=32, help="generate: max_tokens per Generate")
     p.add_argument("--channels", type=int, default=1, help="gRPC connections to spread the sessions over")
+    p.add_argument("--drain-timeout", type=float, default=LoadSpec.drain_timeout,
+                   help="after the measured time, seconds to wait for answers still due (then they count as "
+                        "DRAIN_TIMEOUT errors) and for the sessions' deletion: bounds a run against a server that "
+                        "stopped answering")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     p.add_argument("--markdown", type=Path, default=None, help="write the Markdown table here (it is also printed)")
@@ -86,11 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=str(cache_dir()))
     p.add_argument("--batch", type=_ints, default=[1, 8, 64, 256], help="sessions per step (comma list)")
     p.add_argument("--chunk", type=_ints, default=[1], help="tokens per session per step (comma list)")
-    p.add_argument("--sessions", type=int, default=0, help="state slots to walk over (0 = batch)")
-    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell")
-    p.add_argument("--steps", type=int, default=0, help="measured steps per cell at most (0 = no bound)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--sessions", type=_count, default=0, help="state slots to walk over (0 = batch)")
+    p.add_argument("--duration", type=_seconds, default=5.0, help="measured seconds per cell")
+    p.add_argument("--steps", type=_count, default=0, help="measured steps per cell at most (0 = no bound)")
+    p.add_argument("--threads", type=_count, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--quiet", action="store_true", help="do not print the table")
@@ -133,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("memory", help="idle-session RSS overhead vs raw state bytes",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_server_options(p)
-    p.add_argument("--sessions", type=int, default=100_000)
+    p.add_argument("--sessions", type=_positive, default=100_000)
     p.add_argument("--json", type=Path, default=None)
 
     p = sub.add_parser("accuracy", help="loss and log-prob drift of --dtype bfloat16/float16 against float32 on "
@@ -146,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=64, help="sessions the held-out text is cut into")
     p.add_argument("--chunk", type=int, default=16, help="tokens per session per step")
     p.add_argument("--max-chars", type=int, default=0, help="held-out characters to use at most (0 = all)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=_count, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", type=Path, default=None)
 
     p = sub.add_parser("pingpong", help="the RPC floor: the same load against an echo server with no model",
@@ -196,7 +242,8 @@ def cmd_load(args: argparse.Namespace) -> int:
             for n in args.sessions:
                 spec = LoadSpec(target=target, mode=args.mode, sessions=n, chunk=chunk, duration=args.duration,
                                 max_requests=args.requests, warmup=args.warmup, rate=args.rate, tokens=args.tokens,
-                                generate_tokens=args.generate_tokens, channels=args.channels, seed=args.seed)
+                                generate_tokens=args.generate_tokens, channels=args.channels, seed=args.seed,
+                                drain_timeout=args.drain_timeout)
                 result = eventloop.run(run_load(spec))
                 results.append(result)
                 print(f"N={n} chunk={chunk}: {result['tokens_per_s']:,.0f} tok/s, "

@@ -69,6 +69,8 @@ async def _run(spec: InProcessSpec) -> dict[str, Any]:
         warm_end = start + spec.warmup
         end = warm_end + spec.duration
         latencies: list[float] = []
+        # As the load generator counts (bench/loadgen.py): throughput is the answers received inside
+        # [warm_end, end), over that span; latency that of the requests sent inside it.
         counted = [0, 0]  # requests and tokens answered in the measured window
         mismatches = [0]
 
@@ -85,10 +87,11 @@ async def _run(spec: InProcessSpec) -> dict[str, Any]:
                 position += len(tokens)
                 if result.position != position or result.top_tokens is None or len(result.top_tokens) != len(tokens):
                     mismatches[0] += 1
-                if sent >= warm_end and done <= end:
-                    latencies.append(done - sent)
+                if warm_end <= done < end:
                     counted[0] += 1
                     counted[1] += len(tokens)
+                if sent >= warm_end:
+                    latencies.append(done - sent)
 
         marks: list[dict[str, float]] = []  # process CPU seconds, engine steps and metric sums at the window's ends
 

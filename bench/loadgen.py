@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import ipaddress
+import math
 import random
 import time
 from collections import Counter, deque
@@ -122,8 +123,10 @@ class LoadSpec:
             raise BenchError(f"tokens must be one of {', '.join(TOKEN_SOURCES)}, got {self.tokens!r}")
         if self.sessions < 1 or self.chunk < 1 or self.channels < 1:
             raise BenchError("sessions, chunk and channels must be >= 1")
-        if self.duration <= 0 or self.warmup < 0 or self.max_requests < 0:
-            raise BenchError("duration must be > 0, warmup and max_requests >= 0")
+        if not all(math.isfinite(x) for x in (self.duration, self.warmup, self.rate, self.drain_timeout)):
+            raise BenchError("duration, warmup, rate and drain timeout must be finite numbers")
+        if self.duration <= 0 or self.warmup < 0 or self.max_requests < 0 or self.drain_timeout <= 0:
+            raise BenchError("duration and drain timeout must be > 0, warmup and max_requests >= 0")
         if self.mode == "open" and self.rate <= 0:
             raise BenchError("open loop needs --rate > 0 (aggregate requests per second)")
         if self.mode == "generate" and self.generate_tokens < 1:
@@ -144,8 +147,8 @@ class TokenSource:
         pool, pos = self.pool, self.pos
         if pos + n <= len(pool):
             out = pool[pos : pos + n]
-        else:
-            out = np.concatenate([pool[pos:], pool[: (pos + n) % len(pool)]])
+        else:  # around the end of the pool, as many times as n needs
+            out = np.take(pool, np.arange(pos, pos + n), mode="wrap")
         self.pos = (pos + n) % len(pool)
         return out.tolist()  # type: ignore[no-any-return]
 
@@ -436,14 +439,23 @@ async def _gather_in_batches(coros: list[Any], batch: int = 256) -> list[Any]:
 
 
 async def create_sessions(stubs: list[pb_grpc.LstmServiceStub], n: int, batch: int = 256) -> list[str]:
+    """n new sessions; if any cannot be created, the ones that were are deleted and BenchError says why."""
     ids: list[str] = []
     while len(ids) < n:
         want = min(batch, n - len(ids))
         replies = await asyncio.gather(
             *(stubs[(len(ids) + i) % len(stubs)].CreateSession(pb.CreateSessionRequest(), timeout=60)
-              for i in range(want))
+              for i in range(want)),
+            return_exceptions=True,
         )
-        ids.extend(r.session.session_id for r in replies)
+        ids.extend(r.session.session_id for r in replies if not isinstance(r, BaseException))
+        failures = [r for r in replies if isinstance(r, BaseException)]
+        if failures:
+            await delete_sessions(stubs, ids, timeout=10)
+            first = failures[0]
+            why = f"{first.code().name}: {first.details()}" if isinstance(first, grpc.aio.AioRpcError) else repr(first)
+            raise BenchError(f"could not create {n} sessions ({len(failures)} of the last {want} failed; "
+                             f"the {len(ids)} created were deleted): {why}")
     return ids
 
 
@@ -513,10 +525,10 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
             deadline = warm_end + spec.duration
             rec = Recorder(warm_end, spec.max_requests, deadline)
             session_stubs = [stubs[i % len(stubs)] for i in range(len(ids))]
-            # Bounded in time even if the server stops answering: past the deadline and two drain
-            # timeouts the sessions are cancelled and their unanswered requests count as errors.
+            # Bounded in time even if the server stops answering: a drain timeout past the deadline
+            # the sessions are cancelled and their unanswered requests count as errors.
             # (The open loop bounds its own reads in _OpenSession.finish.)
-            time_up = deadline - now() + 2 * spec.drain_timeout
+            time_up = deadline - now() + spec.drain_timeout
             if spec.mode == "closed":
                 await _until(time_up, asyncio.gather(*(_closed_session(st, sid, src, spec, rec, deadline)
                                                        for st, sid, src in zip(session_stubs, ids, sources))))

@@ -37,7 +37,7 @@ class OfflineSpec:
     duration: float = 5.0  # measured seconds
     max_steps: int = 0  # measured steps at most (0 = duration only)
     warmup_steps: int = 3  # untimed steps first
-    device: str = "cpu"  # cpu | cuda | auto
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
     dtype: str = "float32"
     threads: int = 0  # torch CPU threads (0 = torch's default)
     top_k: int = 5
@@ -46,8 +46,10 @@ class OfflineSpec:
 
 
 def run_offline(spec: OfflineSpec) -> dict[str, Any]:
-    if spec.batch < 1 or spec.chunk < 1 or spec.duration <= 0:
-        raise BenchError("batch and chunk must be >= 1 and duration > 0")
+    if spec.batch < 1 or spec.chunk < 1 or not spec.duration > 0 or spec.duration == float("inf"):
+        raise BenchError("batch and chunk must be >= 1 and duration a finite number > 0")
+    if spec.max_steps < 0 or spec.threads < 0 or spec.sessions < 0:
+        raise BenchError("steps, threads and sessions must be >= 0")
     if spec.dtype not in DTYPES:
         raise BenchError(f"dtype must be one of {', '.join(DTYPES)}")
     if spec.threads > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -160,7 +161,8 @@ def _find(cells: list[dict[str, Any]], sessions: int, chunk: int) -> dict[str, A
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
+    """a / b; None when b is missing or zero (a served rate of 0 is a ratio of 0, not a missing one)."""
+    return a / b if a is not None and b else None
 
 
 def _check(name: str, value: float, limit: float, unit: str, detail: str = "") -> dict[str, Any]:
@@ -191,6 +193,9 @@ def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
     served, offline, unbatched = m.get("served", []), m.get("offline", []), m.get("unbatched", [])
     for n, chunk, target in RATIO_TARGETS:
         ratios = target_ratios(m, n, chunk)
+        if not ratios and target_pairs(m, n, chunk):  # measured, but no offline reading to divide by
+            checks.append(_check(f"served/offline at {n} sessions, chunk {chunk}", 0.0, target, "x",
+                                 "no offline reading"))
         if ratios:
             detail = (f"median of {len(ratios)} pairs: {', '.join(f'{r:.2f}×' for r in ratios)}"
                       if len(ratios) > 1 else "")
@@ -200,16 +205,15 @@ def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
     ratio = _ratio((c256 or {}).get("tokens_per_s"), (_find(unbatched, 256, 1) or {}).get("tokens_per_s"))
     if ratio is not None:
         checks.append(_check("served/unbatched at 256 sessions, chunk 1", ratio, UNBATCHED_TARGET, "x"))
-    if c256 and c256.get("latency_ms"):
-        checks.append(_check("p99 at 256 sessions (token by token, closed loop)", c256["latency_ms"]["p99"],
-                             P99_TARGET_MS, "ms"))
+    if c256:
+        checks.append(_check("p99 at 256 sessions (token by token, closed loop)", _p99(c256), P99_TARGET_MS, "ms"))
     for o in m.get("open", []):
-        if o.get("sessions") == 256 and o.get("latency_ms"):
+        if o.get("sessions") == 256:
             checks.append(_check(f"p99 at 256 sessions, open loop at {fmt(o.get('rate_target'), 0)} req/s",
-                                 o["latency_ms"]["p99"], P99_TARGET_MS, "ms"))
+                                 _p99(o), P99_TARGET_MS, "ms"))
     c64 = _find(served, 64, 1)
-    if c64 and c64.get("latency_ms"):
-        p99 = c64["latency_ms"]["p99"]
+    if c64:
+        p99 = _p99(c64)
         sources = []
         srv = (c64.get("server_window") or {}).get("step_ms")
         if srv and srv.get("p50"):
@@ -223,10 +227,16 @@ def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+def _p99(cell: dict[str, Any]) -> float:
+    """A cell's p99 latency in ms; infinite when nothing was answered (a failed target, not a missing one)."""
+    return float((cell.get("latency_ms") or {}).get("p99", math.inf))
+
+
 def render_check(c: dict[str, Any]) -> str:
     mark = "PASS" if c["pass"] else "FAIL"
     if c["unit"] in ("ms", "%"):
-        return f"- **{mark}** {c['name']}: {fmt(c['value'], 1)} {c['unit']} (limit {fmt(c['limit'], 1)} {c['unit']})"
+        value = "no answers" if math.isinf(c["value"]) else f"{fmt(c['value'], 1)} {c['unit']}"
+        return f"- **{mark}** {c['name']}: {value} (limit {fmt(c['limit'], 1)} {c['unit']})"
     detail = f"; {c['detail']}" if c.get("detail") else ""
     # Two decimals, or three where two would round a miss up to the target (0.297 is not 0.30).
     digits = 2 if (round(c["value"], 2) >= c["limit"]) == c["pass"] else 3

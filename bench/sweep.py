@@ -10,6 +10,7 @@ results, the PNG plots and the Markdown document (docs/benchmarks.md).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,6 +69,32 @@ class SweepConfig:
         if self.offline_duration <= 0:
             self.offline_duration = self.duration
 
+    def validate(self) -> None:
+        """Refuse a configuration a later cell would fail on, before any cell runs."""
+        def finite(x: float) -> bool:
+            return math.isfinite(x)
+
+        problems = []
+        if not self.models:
+            problems.append("no models")
+        if not self.sessions or not self.chunks or min(self.sessions + self.chunks) < 1:
+            problems.append("sessions and chunks must be integers >= 1")
+        if not (finite(self.duration) and self.duration > 0 and finite(self.offline_duration)
+                and self.offline_duration > 0):
+            problems.append("durations must be finite numbers > 0")
+        if not (finite(self.warmup) and self.warmup >= 0):
+            problems.append("warmup must be a finite number >= 0")
+        if not all(finite(f) and f > 0 for f in self.open_fractions):
+            problems.append("open-loop fractions must be numbers > 0")
+        if self.open_sessions < 1 or (self.generate_sessions and min(self.generate_sessions) < 1):
+            problems.append("open-loop and generate sessions must be >= 1")
+        if self.generate_sessions and self.generate_tokens < 1:
+            problems.append("generate needs --generate-tokens >= 1")
+        if self.max_requests < 0 or self.memory_sessions < 0 or self.target_repeats < 0:
+            problems.append("requests, memory sessions and target repeats must be >= 0")
+        if problems:
+            raise BenchError("sweep: " + "; ".join(problems))
+
     @classmethod
     def quick_config(cls, **overrides: Any) -> SweepConfig:
         base: dict[str, Any] = {
@@ -100,6 +127,7 @@ class Sweep:
         )
         self.server_config = parse_config([*cfg.server_args])
         self.notes: list[str] = []
+        self.models: list[dict[str, Any]] = []  # one entry per model, as measured so far
 
     def pin_client(self) -> None:
         if self.cfg.client_cpus:
@@ -158,10 +186,15 @@ class Sweep:
         info = info or {}
         max_sessions = info.get("max_batch_sessions") or self.server_config.max_batch_sessions
         max_tokens = info.get("max_batch_tokens") or self.server_config.max_batch_tokens
-        batch = max(1, min(n, max_sessions, max_tokens // chunk))
-        r = self.offline_cell(checkpoint, n, chunk, batch)
-        log(f"{name}/offline N={n} chunk={chunk} batch={batch}: {r['tokens_per_s']:,.0f} tok/s, "
-            f"step p50 {r['step_ms']['p50']:.2f} ms")
+        # A request longer than --max-chunk-tokens runs in steps of that many tokens (the scheduler's split).
+        step_chunk = min(chunk, self.server_config.max_chunk_tokens)
+        batch = max(1, min(n, max_sessions, max_tokens // step_chunk))
+        r = self.offline_cell(checkpoint, n, step_chunk, batch)
+        r["chunk"] = chunk  # the request size this offline cell stands for
+        r["step_chunk"] = step_chunk
+        log(f"{name}/offline N={n} chunk={chunk} batch={batch}"
+            + (f" ({step_chunk} tokens per step)" if step_chunk != chunk else "")
+            + f": {r['tokens_per_s']:,.0f} tok/s, step p50 {r['step_ms']['p50']:.2f} ms")
         return r
 
     def engine_cell(self, name: str, checkpoint: Path, sessions: int, chunk: int) -> dict[str, Any]:
@@ -178,6 +211,7 @@ class Sweep:
         cfg = self.cfg
         entry: dict[str, Any] = {"name": name, "served": [], "unbatched": [], "offline": [], "engine": [],
                                  "repeats": [], "open": [], "generate": [], "plots": {}}
+        self.models.append(entry)  # filled in as cells finish (a sweep that fails keeps them: run_sweep)
         try:
             checkpoint = resolve_model(name, Path(cfg.cache))
         except BenchError as e:
@@ -265,7 +299,9 @@ class Sweep:
         started = time.monotonic()
         machine = report.machine_info()
         self.pin_client()
-        models = [self.run_model(name) for name in cfg.models]
+        for name in cfg.models:
+            self.run_model(name)
+        models = self.models
         floor = self.rpc_floor()
         memory = None
         if cfg.memory_sessions > 0:
@@ -370,6 +406,15 @@ def write_outputs(sweep: dict[str, Any], out: Path | str, img_dir: Path | str, j
 
 
 def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
-    sweep = Sweep(cfg).run()
+    cfg.validate()
+    runner = Sweep(cfg)
+    try:
+        sweep = runner.run()
+    except BaseException:  # (Ctrl-C included) keep what was measured: minutes of cells
+        partial = Path(cfg.json_out).with_suffix(".partial.json")
+        report.write_json(partial, {"incomplete": True, "config": asdict(cfg), "models": runner.models,
+                                    "notes": runner.notes})
+        log(f"the sweep stopped early; the cells it measured are in {partial}")
+        raise
     write_outputs(sweep, cfg.out, cfg.img_dir, cfg.json_out)
     return sweep
