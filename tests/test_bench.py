@@ -371,7 +371,9 @@ def test_engine_mode_drives_the_engine_in_process(tiny_checkpoint: Path, tmp_pat
     [cell] = json.loads(out.read_text())
     assert cell["kind"] == "engine" and cell["mismatches"] == 0 and cell["requests"] > 20
     assert cell["tokens"] == 3 * cell["requests"]
-    assert cell["latency_ms"]["count"] == cell["requests"]
+    # Latencies are those of the requests sent in the window, throughput what was answered in it (as the load
+    # generator counts): the two differ by at most one request per session at each end.
+    assert abs(cell["latency_ms"]["count"] - cell["requests"]) <= 6
     assert 1 < cell["mean_batch"] <= 6  # sessions shared steps
     assert cell["cpu_pct"] > 0
     assert "| 6 | 3 |" in proc.stdout
