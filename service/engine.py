@@ -109,6 +109,13 @@ class FailedPreconditionError(EngineError):
 # log-probabilities and the hidden state of a 2x512 model) is ~10 MB.
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
+# One session's queued work may take at most this share of the engine queue
+# (--max-queued-tokens), and never less than one largest request. A session runs one row per
+# step, so a client that queued 64 Generates of 4096 tokens on one session held the whole
+# default queue for minutes, and every other client's larger requests got RESOURCE_EXHAUSTED.
+# A StreamSteps stream holds the same share (service/server.py).
+QUEUE_SHARE = 8
+
 # Memory for the replay cache (each session's most recent step result, for a retry of it):
 # results of more than REPLAY_UNTRACKED_TOKENS tokens, or with log-probabilities or hidden
 # states, count against this budget and the oldest are dropped past it (a retry of a dropped
@@ -322,8 +329,14 @@ class Engine:
         self._sessions: dict[str, _Session] = {}
         self._expiry: list[tuple[float, str]] = []  # heap of (deadline, session_id), checked lazily
         self._inbox: deque[Any] = deque()
-        # Tokens admitted but still in the inbox (not yet counted by the scheduler); guarded by _admission.
+        # Tokens admitted but still in the inbox (not yet counted by the scheduler), in all and per
+        # session key; guarded by _admission.
         self._inbox_tokens = 0
+        self._inbox_session_tokens: dict[str, int] = {}
+        self._session_queue_limit = max(
+            self.limits.max_queued_tokens // QUEUE_SHARE,
+            self.limits.max_tokens_per_request + self.limits.max_generate_tokens,
+        )
         self._admission = threading.Lock()
         self._wake = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -791,8 +804,9 @@ class Engine:
                 if not 0 <= t < vocab:
                     raise InvalidArgumentError(f"{field_name}[{i}] = {t} is out of range; token ids are 0..{vocab - 1}")
 
-    def _admit(self, n_tokens: int) -> None:
-        """Count n_tokens against max_queued_tokens; the caller then puts its item in the inbox."""
+    def _admit(self, n_tokens: int, key: str) -> None:
+        """Count n_tokens of session `key` against max_queued_tokens and the session's share of it;
+        the caller then puts its item in the inbox."""
         self._check_accepting()
         if n_tokens > self.limits.max_queued_tokens:  # could never be admitted: not worth a retry
             raise InvalidArgumentError(
@@ -807,7 +821,16 @@ class Engine:
                     f"{self.limits.max_queued_tokens}); retry after a short backoff",
                     retry_after_ms=50,
                 )
+            inbox = self._inbox_session_tokens
+            mine = self.scheduler.session_tokens(key) + inbox.get(key, 0)
+            if mine + n_tokens > self._session_queue_limit:
+                raise ResourceExhaustedError(
+                    f"session {short_id(public_id(key))} already has {mine} tokens queued, and one session may "
+                    f"queue at most {self._session_queue_limit}; wait for its earlier requests to finish",
+                    retry_after_ms=100,
+                )
             self._inbox_tokens += n_tokens
+            inbox[key] = inbox.get(key, 0) + n_tokens
 
     def submit_step(
         self,
@@ -831,7 +854,7 @@ class Engine:
         if options.want_logprobs or options.want_hidden:
             self._check_response_size(len(tokens), options)
         record = self._lookup(owner, session_id)
-        self._admit(len(tokens))
+        self._admit(len(tokens), record.key)
         future: asyncio.Future[StepResult] = self._loop.create_future()
         job = _StepJob(future, expected_position, options, group, session=record)
         item = WorkItem(record.key, WorkKind.STEP, list(tokens), payload=job, enqueued_at=time.monotonic())
@@ -908,7 +931,7 @@ class Engine:
         if expected_position is not None and expected_position < 0:
             raise InvalidArgumentError(f"expected_position must be >= 0, got {expected_position}")
         record = self._lookup(owner, session_id)
-        self._admit(len(prompt) + params.max_tokens)
+        self._admit(len(prompt) + params.max_tokens, record.key)
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         queue: asyncio.Queue[GeneratedToken | BaseException | None] = asyncio.Queue()
         job = _GenerateJob(queue, expected_position, params, to_signed64(seed), session=record)
@@ -1007,12 +1030,17 @@ class Engine:
         """Move submitted work to the scheduler; the session keys of the work items moved."""
         deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         added: list[str] = []
-        inbox, scheduler = self._inbox, self.scheduler
+        inbox, scheduler, per_session = self._inbox, self.scheduler, self._inbox_session_tokens
         while inbox:
-            with self._admission:  # from the inbox's count to the scheduler's, atomically
+            with self._admission:  # from the inbox's counts to the scheduler's, atomically
                 while inbox and isinstance(inbox[0], WorkItem):  # (only this thread pops)
                     item = inbox.popleft()
-                    self._inbox_tokens -= item.pending_tokens
+                    n, key = item.pending_tokens, item.session_key
+                    self._inbox_tokens -= n
+                    if (left := per_session[key] - n) > 0:
+                        per_session[key] = left
+                    else:
+                        del per_session[key]
                     scheduler.add(item)
                     added.append(item.session_key)
             if inbox:  # a control job, run outside the lock
@@ -1282,6 +1310,7 @@ class Engine:
                 job.parts.append(out)
                 if item.done + row.num_tokens == len(item.tokens):
                     result = _join_step(record.session_id, record.position, item.tokens, job.parts)
+                    job.parts = []  # (joined: an unread answer must not hold its parts as well)
                     entry = (job.start_position, tuple(item.tokens), result)
                     if (  # the common small result, not yet counted: no bookkeeping (once per row per step)
                         len(item.tokens) <= REPLAY_UNTRACKED_TOKENS and result.logprobs is None

@@ -292,6 +292,10 @@ class ModelRunner:
             device_out["sampled"], device_out["sampled_lp"] = sampled, sampled_logprob
         host = {name: t.cpu().numpy() for name, t in device_out.items()}  # the one copy to the host
 
+        # Log-probabilities and hidden states are copied out of the batch's arrays (where there are
+        # other rows): a view would keep the whole batch's array alive as long as one answer waits
+        # for a client that does not read. (Top-k slices are small: views.)
+        own = np.copy if len(out_rows) > 1 else np.asarray
         for j, i in enumerate(out_rows):
             r, start = rows[i], offsets[j]
             end = start + lengths[i]
@@ -300,9 +304,9 @@ class ModelRunner:
                 res.top_tokens = host["top_ix"][start:end, : r.top_k]
                 res.top_logprobs = host["top_lp"][start:end, : r.top_k]
             if r.want_logprobs:
-                res.logprobs = host["logp"][start:end]
+                res.logprobs = own(host["logp"][start:end])
             if r.want_hidden:
-                res.hidden = host["hidden"][start:end]
+                res.hidden = own(host["hidden"][start:end])
         for j, i in enumerate(sample_idx):
             results[i].sampled_token = int(host["sampled"][j])
             results[i].sampled_logprob = float(host["sampled_lp"][j])

@@ -81,6 +81,7 @@ class Scheduler:
         self._order: OrderedDict[str, None] = OrderedDict()
         self.queued_tokens = 0  # tokens of all queued items not yet run
         self.queued_items = 0
+        self._session_tokens: dict[str, int] = {}  # queued_tokens per session with queued work
 
     def add(self, item: WorkItem) -> None:
         queue = self._queues.get(item.session_key)
@@ -90,6 +91,11 @@ class Scheduler:
         queue.append(item)
         self.queued_tokens += item.pending_tokens
         self.queued_items += 1
+        self._session_tokens[item.session_key] = self._session_tokens.get(item.session_key, 0) + item.pending_tokens
+
+    def session_tokens(self, session_key: str) -> int:
+        """Tokens of a session's queued items not yet run. Safe to read from any thread (one dict read)."""
+        return self._session_tokens.get(session_key, 0)
 
     def pending(self, session_key: str) -> int:
         """Items queued for a session (including one in progress)."""
@@ -112,6 +118,9 @@ class Scheduler:
         if not queue:
             del self._queues[key]
             self._order.pop(key, None)
+            del self._session_tokens[key]
+        else:
+            self._session_tokens[key] -= item.pending_tokens
 
     def schedule(self) -> StepPlan:
         rows: list[ScheduledRow] = []
@@ -152,6 +161,7 @@ class Scheduler:
                 if row.sample:
                     item.generate_tokens -= 1
                 self.queued_tokens -= consumed
+                self._session_tokens[item.session_key] -= consumed
             key = item.session_key
             if item.finished:
                 finished.append(item)

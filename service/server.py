@@ -38,6 +38,7 @@ from service.auth import AuthConfigError, AuthInterceptor, TokenAuth, load_token
 from service.config import ServerConfig, parse_config
 from service.engine import (
     MAX_RESPONSE_BYTES,
+    QUEUE_SHARE,
     AlreadyExistsError,
     Engine,
     EngineError,
@@ -84,10 +85,9 @@ MAX_STREAM_IN_FLIGHT = 1024
 # And about this many bytes of answers: a client that sends large requests (log-probabilities,
 # hidden states) and never reads must not make the server hold a thousand answers for it.
 MAX_STREAM_PENDING_BYTES = 64 * 1024 * 1024
-# And this share of the engine's queue (--max-queued-tokens): with 1024 requests of 256 tokens
-# in flight, one pipelining stream (lstm-client score) held the whole default queue, and a second
-# such stream, or anyone else's request, got RESOURCE_EXHAUSTED.
-STREAM_SHARE_OF_QUEUE = 8
+# And engine.QUEUE_SHARE of the engine's queue (--max-queued-tokens), as one session may: with
+# 1024 requests of 256 tokens in flight, one pipelining stream (lstm-client score) held the whole
+# default queue, and a second such stream, or anyone else's request, got RESOURCE_EXHAUSTED.
 # At shutdown, once the engine has finished its work: time for its last answers to be written
 # before the calls still open (idle streams) are cancelled, within --grace-seconds.
 FINAL_WRITE_SECONDS = 1.0
@@ -416,7 +416,7 @@ class _StepStream:
         self.pending_bytes = 0  # about how large the answers in `inflight` are
         self.pending_tokens = 0  # input tokens of the requests in `inflight`
         limits = servicer.engine.limits
-        self.max_pending_tokens = max(limits.max_queued_tokens // STREAM_SHARE_OF_QUEUE, limits.max_tokens_per_request)
+        self.max_pending_tokens = max(limits.max_queued_tokens // QUEUE_SHARE, limits.max_tokens_per_request)
         self.reading = True  # the reader task has not ended
         self.error: Exception | None = None  # why the reader ended early (a bad or malformed request)
         self.waiter: asyncio.Future[None] | None = None  # set while run() sleeps with nothing in flight

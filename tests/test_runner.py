@@ -48,6 +48,19 @@ def test_write_state_refuses_a_state_of_another_shape(tiny_checkpoint: Path) -> 
     np.testing.assert_array_equal(runner.read_state(slot)[0], good[0])
 
 
+def test_large_outputs_do_not_hold_the_whole_batch(tiny_checkpoint: Path) -> None:
+    """An answer waiting for a client that does not read must keep only its own rows alive."""
+    runner = ModelRunner(load_checkpoint(tiny_checkpoint), torch.device("cpu"), initial_capacity=4)
+    slots = [runner.allocate() for _ in range(3)]
+    outs = runner.execute([RowInput(slot=s, tokens=[1, 2, 3], position=0, top_k=2, want_logprobs=True,
+                                    want_hidden=True) for s in slots])
+    for out in outs:
+        assert out.logprobs is not None and out.hidden is not None
+        assert out.logprobs.base is None and out.hidden.base is None  # own copies, not views of the batch
+        assert out.logprobs.shape[0] == out.hidden.shape[0] == 3
+    np.testing.assert_allclose(np.exp(outs[0].logprobs).sum(axis=1), 1.0, rtol=1e-5)
+
+
 @pytest.mark.parametrize("which", ["tiny_checkpoint", "tiny_gru_checkpoint"])
 def test_cell_kernels_and_sequence_kernel_agree(which: str, request: pytest.FixtureRequest) -> None:
     """Single-token steps take the per-layer cells up to CELL_KERNEL_MAX_BATCH sessions and

@@ -178,3 +178,19 @@ def test_controls_wait_for_the_sessions_earlier_work() -> None:
 def test_budgets_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Scheduler(0, 10, 10)
+
+
+def test_tokens_queued_per_session_follow_every_way_out_of_the_queue() -> None:
+    s = Scheduler(max_batch_sessions=8, max_batch_tokens=100, max_chunk_tokens=4)
+    long, short, gen = step("a", 10), step("a", 3), WorkItem("b", WorkKind.GENERATE, tokens=[1, 2], generate_tokens=3)
+    closed = step("c", 5)
+    for item in (long, short, gen, closed):
+        s.add(item)
+    assert (s.session_tokens("a"), s.session_tokens("b"), s.session_tokens("c")) == (13, 5, 5)
+    s.close(closed)  # dropped when its turn comes, with its 5 tokens
+    s.complete(s.schedule())  # a: 4 of the long step; b: its 2-token prompt
+    assert (s.session_tokens("a"), s.session_tokens("b"), s.session_tokens("c")) == (9, 3, 0)
+    s.cancel(short)  # not started: leaves the queue once the long step is through
+    run_all(s)
+    assert (s.session_tokens("a"), s.session_tokens("b")) == (0, 0) and s.queued_tokens == 0
+    assert s._session_tokens == {}  # no key left behind by a session whose queue emptied

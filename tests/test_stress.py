@@ -405,10 +405,10 @@ async def test_a_stream_that_never_reads_large_answers_is_held_to_a_byte_bound(
 
 
 async def test_two_pipelining_streams_share_the_engine_queue(tiny_checkpoint: Path) -> None:
-    """One stream holds at most 1/STREAM_SHARE_OF_QUEUE of --max-queued-tokens: two clients that
+    """One stream holds at most 1/QUEUE_SHARE of --max-queued-tokens: two clients that
     pipeline more than the whole queue (lstm-client score does) both finish; they used to fill the
     queue and fail each other with RESOURCE_EXHAUSTED."""
-    from service.server import STREAM_SHARE_OF_QUEUE
+    from service.engine import QUEUE_SHARE
 
     queue = 1024
     with run_server(tiny_checkpoint, max_queued_tokens=queue, max_tokens_per_request=64, max_chunk_tokens=1) as srv:
@@ -433,7 +433,31 @@ async def test_two_pipelining_streams_share_the_engine_queue(tiny_checkpoint: Pa
             finally:
                 watcher.cancel()
             assert answers == [[48 * (i + 1) for i in range(40)]] * 2
-            assert most <= 2 * (queue // STREAM_SHARE_OF_QUEUE), most
+            assert most <= 2 * (queue // QUEUE_SHARE), most
+
+
+async def test_one_session_cannot_fill_the_engine_queue_for_everyone(tiny_checkpoint: Path) -> None:
+    """A session runs one row per step, so its queued work may take at most 1/QUEUE_SHARE of
+    --max-queued-tokens (at least one largest request): a client that queued the whole queue on
+    one session (64 Generates of 4096 tokens at the defaults) refused everyone else's large requests."""
+    with run_server(tiny_checkpoint, max_chunk_tokens=1, max_queued_tokens=16384, max_tokens_per_request=1024,
+                    max_generate_tokens=1024) as srv:
+        async with grpc.aio.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            hog, other = [(await stub.CreateSession(pb.CreateSessionRequest())).session.session_id for _ in range(2)]
+            calls = [stub.Step(pb.StepRequest(session_id=hog, tokens=[5] * 1024, top_k=0)) for _ in range(16)]
+            refused = [asyncio.ensure_future(code_of(call)) for call in calls]
+            await asyncio.sleep(0.3)
+            code, err = await code_of(stub.Step(pb.StepRequest(session_id=other, tokens=[6] * 1024, top_k=0),
+                                                timeout=60))
+            assert code == Code.OK, err  # RESOURCE_EXHAUSTED "the engine queue is full" before
+            done = [t.result() for t in refused if t.done()]
+            assert sum(c == Code.RESOURCE_EXHAUSTED for c, _ in done) == 14  # 2 x 1024 = the session's 2048
+            message = next(e for c, e in done if c == Code.RESOURCE_EXHAUSTED).details()  # type: ignore[union-attr]
+            assert "one session may queue at most 2048" in message, message
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*refused, return_exceptions=True)  # (a cancelled call raises CancelledError)
 
 
 async def test_work_for_a_deleted_session_never_runs_on_a_new_one_with_its_id(slow_server: RunningServer) -> None:
