@@ -1036,11 +1036,12 @@ class Engine:
                 while inbox and isinstance(inbox[0], WorkItem):  # (only this thread pops)
                     item = inbox.popleft()
                     n, key = item.pending_tokens, item.session_key
-                    self._inbox_tokens -= n
-                    if (left := per_session[key] - n) > 0:
-                        per_session[key] = left
-                    else:
-                        del per_session[key]
+                    if n:  # (a session operation was never admitted: no tokens)
+                        self._inbox_tokens -= n
+                        if (left := per_session[key] - n) > 0:
+                            per_session[key] = left
+                        else:
+                            del per_session[key]
                     scheduler.add(item)
                     added.append(item.session_key)
             if inbox:  # a control job, run outside the lock

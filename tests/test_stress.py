@@ -458,6 +458,10 @@ async def test_one_session_cannot_fill_the_engine_queue_for_everyone(tiny_checkp
             for call in calls:
                 call.cancel()
             await asyncio.gather(*refused, return_exceptions=True)  # (a cancelled call raises CancelledError)
+            # Session operations pass the inbox unadmitted (no tokens): the per-session count skips them.
+            await stub.ResetSession(pb.ResetSessionRequest(session_id=other), timeout=10)
+            await stub.ForkSession(pb.ForkSessionRequest(session_id=other), timeout=10)
+            assert (await stub.Step(pb.StepRequest(session_id=other, tokens=[1]), timeout=10)).position == 1
 
 
 async def test_work_for_a_deleted_session_never_runs_on_a_new_one_with_its_id(slow_server: RunningServer) -> None:
