@@ -116,6 +116,8 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # A StreamSteps stream holds the same share (service/server.py).
 QUEUE_SHARE = 8
 
+ENGINE_FAILED = "the server's engine failed and the server is restarting; retry shortly"
+
 # Memory for the replay cache (each session's most recent step result, for a retry of it):
 # results of more than REPLAY_UNTRACKED_TOKENS tokens, or with log-probabilities or hidden
 # states, count against this budget and the oldest are dropped past it (a retry of a dropped
@@ -358,6 +360,11 @@ class Engine:
         self._steps_since_hold = 0
         self._unsaved_at_stop = 0  # sessions whose latest state the final snapshot could not store
         self._hurry = threading.Event()  # see hurry()
+        # Why the engine thread ended unexpectedly (a bug outside a step): calls then fail at once
+        # instead of waiting forever, and on_failure (set by the server, run on the event loop)
+        # stops the process so that it can be restarted.
+        self.failure: BaseException | None = None
+        self.on_failure: Callable[[], None] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -421,7 +428,12 @@ class Engine:
 
     # ---- session operations (called on the event loop) ----------------------------------
 
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise UnavailableError(ENGINE_FAILED)
+
     def _check_accepting(self) -> None:
+        self._check_alive()
         if self._draining:
             raise UnavailableError("the server is shutting down; retry on another replica")
 
@@ -465,6 +477,7 @@ class Engine:
     async def _on_engine(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread (ordered with everything else in the inbox)."""
         assert self._loop is not None
+        self._check_alive()
         future: asyncio.Future[Any] = self._loop.create_future()
         self._inbox.append(_ControlJob(fn, future))
         self._notify()
@@ -473,6 +486,7 @@ class Engine:
     async def _in_session_order(self, key: str, fn: Callable[[], Any]) -> Any:
         """Run fn on the engine thread after the session's queued work."""
         assert self._loop is not None
+        self._check_alive()
         future: asyncio.Future[Any] = self._loop.create_future()
         item = WorkItem(key, WorkKind.CONTROL, payload=_ControlJob(fn, future))
         self._inbox.append(item)
@@ -871,6 +885,8 @@ class Engine:
         """
         if not self._wake.is_set():
             self._wake.set()
+        if self.failure is not None:  # no engine thread to take it (appended after the failure was handled)
+            self._fail_all_queued()
 
     async def step(
         self,
@@ -959,6 +975,42 @@ class Engine:
     # ---- the engine thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a bug outside a step (those are caught per step): fail loudly, not hang
+            self.failure = e
+            log.critical("the engine thread failed; stopping the server so that it can be restarted", exc_info=e)
+            self._hurry.set()
+            self._fail_all_queued()
+            if self.store is not None:
+                try:
+                    self._final_snapshot()
+                except BaseException:
+                    log.exception("final snapshot after the engine failure failed")
+            if self.on_failure is not None and self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self.on_failure)
+
+    def _fail_all_queued(self) -> None:
+        """After an engine failure: every request waiting in the inbox or the scheduler ends UNAVAILABLE."""
+        error = UnavailableError(ENGINE_FAILED)
+        deliveries: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        try:
+            with self._admission:
+                items = list(self._inbox)
+                self._inbox.clear()
+            items += [item for queue in list(self.scheduler._queues.values()) for item in queue]
+            for item in items:
+                if isinstance(item, WorkItem) and isinstance(item.payload, _ControlJob):
+                    deliveries.append((_set_exception, (item.payload.future, error)))
+                elif isinstance(item, WorkItem):
+                    self._fail_item(item, error, deliveries)
+                elif isinstance(item, _ControlJob):
+                    deliveries.append((_set_exception, (item.future, error)))
+            self.scheduler.cancel_all()
+        finally:
+            self._deliver(deliveries)
+
+    def _serve(self) -> None:
         torch.set_grad_enabled(False)
         next_expiry_check = 0.0
         while not self._stopping:

@@ -695,9 +695,14 @@ async def serve(config: ServerConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    server.engine.on_failure = stop_requested.set  # a dead engine thread: stop, exit 1, be restarted
     await stop_requested.wait()
     log.info("shutting down: draining for up to %.1fs (a second signal stops at once)", config.grace_seconds)
-    if not await server.stop():
+    stored = await server.stop()
+    if server.engine.failure is not None:
+        log.error("stopped after the engine failed (above); exit 1 so that the server is restarted")
+        return 1
+    if not stored:
         log.error("stopped; the latest state of some sessions could not be stored (above)")
         return 1
     log.info("stopped")

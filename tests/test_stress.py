@@ -720,3 +720,32 @@ async def test_1000_concurrent_streams_and_bursts_past_the_limits(tiny_checkpoin
         assert srv.alive()
     log = srv.log()
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+async def test_a_failed_engine_thread_fails_calls_at_once_and_stops_the_server(tiny_checkpoint: Path) -> None:
+    """A bug outside a step (those are caught per step) ended the engine thread and every call after it
+    hung for good, the process still up. Now the queued calls end UNAVAILABLE, new ones too, and the
+    server is told to stop (lstm-serve then exits 1, to be restarted)."""
+    with run_server(tiny_checkpoint) as srv:
+        engine = srv.engine
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        engine.on_failure = lambda: loop.call_soon_threadsafe(stopped.set)  # (runs on the server's loop)
+
+        def injected_bug() -> None:
+            if engine.scheduler.queued_items:
+                raise RuntimeError("injected engine bug")
+
+        engine._regroup = injected_bug
+        async with grpc.aio.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sid = (await stub.CreateSession(pb.CreateSessionRequest())).session.session_id
+            code, err = await code_of(stub.Step(pb.StepRequest(session_id=sid, tokens=[1, 2]), timeout=10))
+            assert code == Code.UNAVAILABLE and "engine failed" in err.details(), err  # type: ignore[union-attr]
+            await asyncio.wait_for(stopped.wait(), 10)
+            assert isinstance(engine.failure, RuntimeError)
+            for call in (stub.Step(pb.StepRequest(session_id=sid, tokens=[1]), timeout=10),
+                         stub.CreateSession(pb.CreateSessionRequest(), timeout=10),
+                         stub.ResetSession(pb.ResetSessionRequest(session_id=sid), timeout=10)):
+                code, err = await code_of(call)
+                assert code == Code.UNAVAILABLE, err
