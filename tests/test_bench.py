@@ -374,7 +374,9 @@ def test_engine_mode_drives_the_engine_in_process(tiny_checkpoint: Path, tmp_pat
     # Latencies are those of the requests sent in the window, throughput what was answered in it (as the load
     # generator counts): the two differ by at most one request per session at each end.
     assert abs(cell["latency_ms"]["count"] - cell["requests"]) <= 6
-    assert 1 < cell["mean_batch"] <= 6  # sessions shared steps
+    # Sessions shared steps (requests answered in the window over the steps run in it: up to one
+    # boundary step's answers more than 6 per step).
+    assert 1 < cell["mean_batch"] <= 6 * (1 + 1 / max(cell["steps"], 1)) + 1e-9
     assert cell["cpu_pct"] > 0
     assert "| 6 | 3 |" in proc.stdout
 

@@ -489,3 +489,19 @@ def test_sigterm_saves_resume_state_and_exits_cleanly(tmp_path: Path) -> None:
     assert "interrupted at step" in output
     saved = json.loads((out / "resume" / "train_state.json").read_text())["progress"]["step"]
     assert 5 <= saved < 100000
+
+
+@pytest.mark.parametrize("option", [
+    ["--clip", "-1"], ["--clip", "0"], ["--bptt", "0"], ["--eval-interval", "0"], ["--log-interval", "0"],
+    ["--max-steps", "0"], ["--hidden-size", "0"], ["--dropout", "1.0"], ["--lr", "nan"],
+    ["--min-lr", "1", "--lr", "0.1"],
+])
+def test_options_out_of_range_are_usage_errors(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A negative --clip trained by gradient ascent (val loss 15 nats/char) and finished "done";
+    others failed mid-run with a ZeroDivisionError or a traceback."""
+    from model.train import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--out", "/nonexistent/run", *option])
+    assert e.value.code == 2
+    assert f"{option[0]}" in capsys.readouterr().err
