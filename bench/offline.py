@@ -12,6 +12,7 @@ slots (as the scheduler does), so gather and scatter touch different rows each s
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -46,7 +47,7 @@ class OfflineSpec:
 
 
 def run_offline(spec: OfflineSpec) -> dict[str, Any]:
-    if spec.batch < 1 or spec.chunk < 1 or not spec.duration > 0 or spec.duration == float("inf"):
+    if spec.batch < 1 or spec.chunk < 1 or not (math.isfinite(spec.duration) and spec.duration > 0):
         raise BenchError("batch and chunk must be >= 1 and duration a finite number > 0")
     if spec.max_steps < 0 or spec.threads < 0 or spec.sessions < 0:
         raise BenchError("steps, threads and sessions must be >= 0")

@@ -71,20 +71,17 @@ class SweepConfig:
 
     def validate(self) -> None:
         """Refuse a configuration a later cell would fail on, before any cell runs."""
-        def finite(x: float) -> bool:
-            return math.isfinite(x)
-
         problems = []
         if not self.models:
             problems.append("no models")
         if not self.sessions or not self.chunks or min(self.sessions + self.chunks) < 1:
             problems.append("sessions and chunks must be integers >= 1")
-        if not (finite(self.duration) and self.duration > 0 and finite(self.offline_duration)
+        if not (math.isfinite(self.duration) and self.duration > 0 and math.isfinite(self.offline_duration)
                 and self.offline_duration > 0):
             problems.append("durations must be finite numbers > 0")
-        if not (finite(self.warmup) and self.warmup >= 0):
+        if not (math.isfinite(self.warmup) and self.warmup >= 0):
             problems.append("warmup must be a finite number >= 0")
-        if not all(finite(f) and f > 0 for f in self.open_fractions):
+        if not all(math.isfinite(f) and f > 0 for f in self.open_fractions):
             problems.append("open-loop fractions must be numbers > 0")
         if self.open_sessions < 1 or (self.generate_sessions and min(self.generate_sessions) < 1):
             problems.append("open-loop and generate sessions must be >= 1")

@@ -162,24 +162,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, set[str]]:
     return args, given
 
 
-# Each numeric option's allowed range (min, max, max inclusive); a value outside it ruins a run
-# silently (a negative --clip turned norm clipping into gradient ascent) or fails mid-run.
-RANGES: dict[str, tuple[float, float, bool]] = {
-    "max_steps": (1, math.inf, False), "time_budget": (0, math.inf, False),
-    "embedding_size": (1, math.inf, False), "hidden_size": (1, math.inf, False), "num_layers": (1, math.inf, False),
-    "dropout": (0, 1, False), "batch_size": (1, math.inf, False), "bptt": (1, math.inf, False),
-    "lr": (1e-12, math.inf, False), "min_lr": (0, math.inf, False), "warmup_steps": (0, math.inf, False),
-    "weight_decay": (0, math.inf, False), "clip": (1e-12, math.inf, False),
-    "eval_interval": (1, math.inf, False), "log_interval": (1, math.inf, False), "threads": (0, math.inf, False),
+# Each numeric option's allowed range [low, high); a value outside it ruins a run silently (a
+# negative --clip turned norm clipping into gradient ascent) or fails mid-run.
+RANGES: dict[str, tuple[float, float]] = {
+    "max_steps": (1, math.inf), "time_budget": (0, math.inf),
+    "embedding_size": (1, math.inf), "hidden_size": (1, math.inf), "num_layers": (1, math.inf),
+    "dropout": (0, 1), "batch_size": (1, math.inf), "bptt": (1, math.inf),
+    "lr": (1e-12, math.inf), "min_lr": (0, math.inf), "warmup_steps": (0, math.inf),
+    "weight_decay": (0, math.inf), "clip": (1e-12, math.inf),
+    "eval_interval": (1, math.inf), "log_interval": (1, math.inf), "threads": (0, math.inf),
 }
 
 
 def out_of_range(args: TrainArgs) -> str | None:
     """What is wrong with the numeric options, or None."""
-    for name, (low, high, inclusive) in RANGES.items():
+    for name, (low, high) in RANGES.items():
         value = getattr(args, name)
-        if not math.isfinite(value) or value < low or value > high or (value == high and not inclusive):
-            upper = "" if high == math.inf else f" and {'at most' if inclusive else 'below'} {high:g}"
+        if not (math.isfinite(value) and low <= value < high):
+            upper = "" if high == math.inf else f" and below {high:g}"
             lower = "above 0" if 0 < low < 1 else f"at least {low:g}"
             return f"--{name.replace('_', '-')} must be {lower}{upper}, got {value:g}"
     if args.min_lr > args.lr:

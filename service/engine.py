@@ -998,7 +998,7 @@ class Engine:
             with self._admission:
                 items = list(self._inbox)
                 self._inbox.clear()
-            items += [item for queue in list(self.scheduler._queues.values()) for item in queue]
+            items += self.scheduler.queued()
             for item in items:
                 if isinstance(item, WorkItem) and isinstance(item.payload, _ControlJob):
                     deliveries.append((_set_exception, (item.payload.future, error)))

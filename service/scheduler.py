@@ -187,11 +187,14 @@ class Scheduler:
         Decided on the engine thread, which alone sets `started`, so there is no race."""
         item.cancelled = True
 
+    def queued(self) -> list[WorkItem]:
+        """Every queued item, session by session."""
+        return [item for queue in list(self._queues.values()) for item in queue]
+
     def cancel_all(self) -> None:
         """Cancel everything queued (the engine is stopping); see `cancel`."""
-        for queue in self._queues.values():
-            for item in queue:
-                item.cancelled = True
+        for item in self.queued():
+            item.cancelled = True
 
 
 def _cancelled_out(item: WorkItem) -> bool:
