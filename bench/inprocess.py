@@ -29,6 +29,7 @@ from model.checkpoint import load_checkpoint
 from service import eventloop
 from service.engine import Engine, StepOptions
 from service.metrics import Metrics
+from service.runner import claim_torch_threads
 
 OWNER = "lstm-bench"
 
@@ -49,15 +50,14 @@ class InProcessSpec:
 def run_inprocess(spec: InProcessSpec) -> dict[str, Any]:
     if spec.sessions < 1 or spec.chunk < 1 or spec.duration <= 0 or spec.warmup < 0:
         raise BenchError("sessions and chunk must be >= 1, duration > 0 and warmup >= 0")
-    if spec.threads > 0:
-        torch.set_num_threads(spec.threads)
     return eventloop.run(_run(spec))  # type: ignore[no-any-return]
 
 
 async def _run(spec: InProcessSpec) -> dict[str, Any]:
+    threads = claim_torch_threads(spec.threads)  # as lstm-serve does: only the engine thread runs parallel work
     checkpoint = load_checkpoint(spec.checkpoint)
     metrics = Metrics(CollectorRegistry(), process_metrics=False)
-    engine = Engine(checkpoint, torch.device("cpu"), metrics=metrics)
+    engine = Engine(checkpoint, torch.device("cpu"), metrics=metrics, threads=threads)
     engine.start(asyncio.get_running_loop())
     try:
         ids = [(await engine.create_session(OWNER)).session_id for _ in range(spec.sessions)]
@@ -127,7 +127,7 @@ async def _run(spec: InProcessSpec) -> dict[str, Any]:
         "hold_ms_mean": _mean_ms(delta, "lstm_batch_hold_seconds"),
         "cpu_pct": 100.0 * cpu / spec.duration,
         "mismatches": mismatches[0],
-        "threads": torch.get_num_threads(),
+        "threads": engine.threads,
         "spec": asdict(spec),
     }
 

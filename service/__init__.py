@@ -19,3 +19,14 @@ os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
 # format); grpcio 1.85 prints INFO ones by default, e.g. one per failed TLS handshake. Errors only,
 # unless the operator says otherwise.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+# libgomp (torch's OpenMP runtime) reads GOMP_SPINCOUNT once, when torch is imported: how long a
+# thread that waits at a barrier, or for the next parallel region, spins before it sleeps. The
+# default, 300,000 spins, kept the model's worker thread spinning ~9 ms after every step, on the
+# core the event loop then needed to answer that step and read the next requests; 30,000 (~1 ms
+# here) still covers the waits inside a step. Served, alternated (docs/performance.md, "One
+# OpenMP pool"): 256 token-by-token sessions 5,690 / 5,919 -> 6,682 / 6,368 tokens/s. An operator's
+# GOMP_SPINCOUNT wins.
+GOMP_SPINCOUNT = "30000"
+
+os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)

@@ -296,8 +296,12 @@ class Engine:
         metrics: Any = None,
         store: StateStore | None = None,
         durability: Durability | None = None,
+        threads: int = 0,
     ) -> None:
         self.checkpoint = checkpoint
+        # torch CPU threads of the engine thread, the only one that runs the model's parallel work
+        # (see runner.claim_torch_threads; 0 = the caller's torch default).
+        self.threads = threads or torch.get_num_threads()
         self.tokenizer: CharTokenizer = checkpoint.tokenizer
         self._vocab_size = len(self.tokenizer)
         self.limits = limits or EngineLimits()
@@ -369,7 +373,16 @@ class Engine:
     # ---- lifecycle ------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the engine thread; it warms the model up and reads the stored sessions first (an
+        error there is raised here)."""
         self._loop = loop
+        started: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="lstm-engine", daemon=True)
+        self._thread.start()
+        started.result()
+
+    def _start_on_thread(self) -> None:
+        torch.set_num_threads(self.threads)
         self._warm_up()
         if self.store is not None:
             try:
@@ -379,8 +392,6 @@ class Engine:
                     f"the session store cannot be read ({type(e).__name__}: {e}); "
                     "move the damaged file away to start with no stored sessions"
                 ) from None
-        self._thread = threading.Thread(target=self._run, name="lstm-engine", daemon=True)
-        self._thread.start()
 
     def _warm_up(self) -> None:
         """One real step so the first request does not pay for lazy initialisation."""
@@ -974,7 +985,13 @@ class Engine:
 
     # ---- the engine thread ----------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, started: Future[None]) -> None:
+        try:
+            self._start_on_thread()
+        except BaseException as e:
+            started.set_exception(e)
+            return
+        started.set_result(None)
         try:
             self._serve()
         except BaseException as e:  # a bug outside a step (those are caught per step): fail loudly, not hang

@@ -50,6 +50,23 @@ def retain_step_memory() -> bool:
     )
 
 
+def claim_torch_threads(requested: int = 0) -> int:
+    """The torch CPU threads for the engine thread (requested, 0 = torch's default); from now on
+    the calling thread's own torch work (loading the checkpoint, building the engine) runs on one.
+
+    Call it before the caller's first torch operation. libgomp, the OpenMP runtime of torch's CPU
+    builds, gives every OS thread that runs a parallel region a pool of workers of its own, and
+    once it manages more threads than there are CPUs it cuts the spin-wait at its barriers to ~100
+    iterations (from ~300,000): the dozens of barriers of every step then put the threads to sleep
+    and wake them through the kernel. The thread that loaded the checkpoint was such a second
+    pool: on 2 cores a 64-session, 16-token step took 50.8 instead of 41.6 ms (docs/performance.md,
+    "One OpenMP pool"). So only the engine thread runs parallel regions.
+    """
+    default = torch.get_num_threads()  # (also torch's once-per-thread setup, which would undo the 1 below)
+    torch.set_num_threads(1)
+    return requested or default
+
+
 @dataclass
 class SamplingParams:
     temperature: float  # 0 = greedy

@@ -57,6 +57,7 @@ from service.engine import (
 from service.logs import configure_logging, short_id
 from service.malformed import Malformed, MalformedRequestError, MalformedRequestInterceptor
 from service.metrics import METHODS, Metrics, start_metrics_http_server
+from service.runner import claim_torch_threads
 from service.state_store import SqliteStateStore, StateStoreError
 
 __version__ = "0.1.0"
@@ -591,8 +592,7 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
         device = resolve_device(config.device)
     except ValueError as e:
         raise SystemExit(f"lstm-serve: {e}") from None
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads = claim_torch_threads(config.threads)  # (before this thread's first torch operation)
     dtype = _dtype(config.dtype)
     checkpoint = load_checkpoint(config.checkpoint, device=device, dtype=dtype)
     metrics = Metrics()
@@ -608,7 +608,9 @@ async def create_server(config: ServerConfig) -> tuple[LstmServer, int]:
     store = None
     if config.durability != "none":
         store = SqliteStateStore(config.state_dir, durable=config.durability == "journal")
-    engine = Engine(checkpoint, device, dtype, config.engine_limits(), metrics, store, config.durability_config())
+    engine = Engine(
+        checkpoint, device, dtype, config.engine_limits(), metrics, store, config.durability_config(), threads
+    )
     tokens = load_tokens(config.auth_tokens, config.auth_tokens_inline)
     auth = TokenAuth(tokens) if tokens else None
     interceptors: list[grpc.aio.ServerInterceptor] = []

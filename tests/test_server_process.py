@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
-from service import GRPC_EXPERIMENTS
+from service import GOMP_SPINCOUNT, GRPC_EXPERIMENTS
 from service.config import parse_config
 from tests.conftest import ROOT
 
@@ -144,6 +144,44 @@ def test_grpc_socket_layer_is_chosen_before_grpc_loads(preset: str | None) -> No
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout.strip()
     assert out == repr((False, GRPC_EXPERIMENTS if preset is None else preset))
+
+
+@pytest.mark.parametrize("preset", [None, "300000"])
+def test_openmp_spin_is_chosen_before_torch_loads(preset: str | None) -> None:
+    """libgomp reads GOMP_SPINCOUNT once, when torch is imported: importing the service package sets
+    it without importing torch, and a value the operator set wins."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    code = ("import os, sys, service; loaded = 'torch' in sys.modules; import service.server; "
+            "print(repr((loaded, os.environ['GOMP_SPINCOUNT'])))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.strip()
+    assert out == repr((False, GOMP_SPINCOUNT if preset is None else preset))
+
+
+def test_only_the_engine_thread_runs_torch_on_several_threads(tiny_checkpoint: Path) -> None:
+    """One OpenMP pool per process (service.runner.claim_torch_threads): the thread that builds the
+    server loads the checkpoint on one torch thread, the engine thread warms up and steps on --threads."""
+    code = """
+import asyncio, dataclasses, sys, threading, torch
+from service.config import ServerConfig
+from service.server import create_server
+
+async def main():
+    config = dataclasses.replace(ServerConfig(), checkpoint=sys.argv[1], host="127.0.0.1", port=0,
+                                 metrics_port=-1, durability="none", threads=2)
+    server, _ = await create_server(config)
+    await server.start()
+    on_engine = await server.engine._on_engine(lambda: (threading.current_thread().name, torch.get_num_threads()))
+    print(repr((torch.get_num_threads(), on_engine, server.engine.steps_run)))
+    await server.stop(grace=0)
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint)], capture_output=True, text=True,
+                         check=True, cwd=ROOT, timeout=120).stdout.strip()
+    assert out == repr((1, ("lstm-engine", 2), 0))
 
 
 def _stopped_by(proc: subprocess.Popen, *signals: int, apart: float = 0.5) -> float:
