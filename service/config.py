@@ -27,7 +27,7 @@ class ServerConfig:
     metrics_port: int = field(default=9400, metadata={"help": "Prometheus /metrics port (0 = any, -1 = off)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N (auto: cuda when available)"})
     dtype: str = field(default="float32", metadata={"help": "model compute dtype: float32, bfloat16 or float16"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads of the model's thread (0 = torch's default)"})
     log_format: str = field(default="human", metadata={"help": "human or json (one object per line)"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     grace_seconds: float = field(default=10.0, metadata={
