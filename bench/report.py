@@ -26,24 +26,31 @@ MEMORY_OVERHEAD_TARGET_PCT = 25.0  # idle sessions: RSS over raw state bytes
 # ---- machine ---------------------------------------------------------------------------------
 
 
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+
+
 def machine_info() -> dict[str, Any]:
     import grpc
     import torch
 
-    cpu = platform.processor() or "unknown"
+    cpuinfo: dict[str, str] = {}  # the first CPU's fields
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            cpuinfo.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu = cpuinfo.get("model name") or platform.processor() or "unknown"
+    flags = set(cpuinfo.get("flags", "").split())
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         usable = os.cpu_count() or 0
     return {
         "cpu": cpu,
+        # Hosts of one name differ in these, and the model step with them (bfloat16 is fast only
+        # with AVX-512 BF16 or AMX): which of them this CPU has.
+        "simd": [f for f in SIMD_FLAGS if f in flags],
         "cores": os.cpu_count(),
         "usable_cores": usable,
         "memory_gib": _mem_gib(),
@@ -436,9 +443,10 @@ def render_sweep(sweep: dict[str, Any], img_prefix: str = "img/") -> str:
         f"Raw results: `{cfg.get('json_name', 'benchmarks.json')}`. Re-run with `make bench`; "
         "`lstm-bench sweep --help` lists the knobs.", "",
         "## Machine", "",
-        table(["CPU", "cores", "memory GiB", "torch", "server torch threads", "grpcio", "python", "server CPUs",
-               "client CPUs", "load avg at start"],
-              [[mach["cpu"], mach["cores"], mach.get("memory_gib"), mach["torch"],
+        table(["CPU", "SIMD", "cores", "memory GiB", "torch", "server torch threads", "grpcio", "python",
+               "server CPUs", "client CPUs", "load avg at start"],
+              [[mach["cpu"], " ".join(mach.get("simd") or []) or "–", mach["cores"], mach.get("memory_gib"),
+                mach["torch"],
                 cfg.get("server_threads", mach.get("torch_threads")), mach["grpcio"], mach["python"],
                 cfg.get("server_cpus") or "any", cfg.get("client_cpus") or "any",
                 mach.get("loadavg_1m")]]),

@@ -207,7 +207,8 @@ def test_sweep_document_and_plots(tmp_path: Path) -> None:
     assert all(Path(p).stat().st_size > 1000 for p in model["plots"].values())
     skipped = {"name": "default", "skipped": "checkpoints/default: checkpoint directory does not exist"}
     sweep = {
-        "machine": {"cpu": "Test CPU", "cores": 2, "torch": "x", "grpcio": "y", "python": "3", "date": "today"},
+        "machine": {"cpu": "Test CPU", "simd": ["avx2", "avx512_bf16"], "cores": 2, "torch": "x", "grpcio": "y",
+                    "python": "3", "date": "today"},
         "config": {"warmup": 1.0, "duration": 2.0, "quick": True},
         "models": [skipped, copy.deepcopy(model)],
         "memory": {"model": "reference", "sessions": 1000, "slot_bytes": 8192, "state_layout": "2 x 2 x 512 x 4 B",
@@ -217,7 +218,7 @@ def test_sweep_document_and_plots(tmp_path: Path) -> None:
         "elapsed_s": 60.0,
     }
     md = render_sweep(sweep)
-    assert "| Test CPU | 2 |" in md
+    assert "| Test CPU | avx2 avx512_bf16 | 2 |" in md
     assert "_Skipped: checkpoints/default" in md
     assert "| 64 | 1 | 6,400 | 12,800 | 1,280 | 0.50× | 5.00× |" in md
     assert "![Throughput against concurrency](img/bench-reference-throughput.png)" in md
