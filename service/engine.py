@@ -1017,12 +1017,11 @@ class Engine:
                 self._inbox.clear()
             items += self.scheduler.queued()
             for item in items:
-                if isinstance(item, WorkItem) and isinstance(item.payload, _ControlJob):
-                    deliveries.append((_set_exception, (item.payload.future, error)))
-                elif isinstance(item, WorkItem):
+                job = item.payload if isinstance(item, WorkItem) else item
+                if isinstance(job, _ControlJob):  # a session operation, in the inbox or in session order
+                    deliveries.append((_set_exception, (job.future, error)))
+                else:
                     self._fail_item(item, error, deliveries)
-                elif isinstance(item, _ControlJob):
-                    deliveries.append((_set_exception, (item.future, error)))
             self.scheduler.cancel_all()
         finally:
             self._deliver(deliveries)

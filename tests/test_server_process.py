@@ -132,32 +132,30 @@ def test_every_option_has_an_environment_variable() -> None:
         parse_config(["--max-sessions", "0"], environ={})
 
 
-@pytest.mark.parametrize("preset", [None, "", "-event_engine_client"])
-def test_grpc_socket_layer_is_chosen_before_grpc_loads(preset: str | None) -> None:
-    """gRPC reads GRPC_EXPERIMENTS once, when first imported: importing the service package sets
-    it (service/__init__.py) without importing grpc, and a value the operator set wins."""
-    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+@pytest.mark.parametrize(
+    ("variable", "default", "library", "preset"),
+    [
+        ("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS, "grpc", None),
+        ("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS, "grpc", ""),
+        ("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS, "grpc", "-event_engine_client"),
+        ("GOMP_SPINCOUNT", GOMP_SPINCOUNT, "torch", None),
+        ("GOMP_SPINCOUNT", GOMP_SPINCOUNT, "torch", "300000"),
+    ],
+)
+def test_library_settings_are_chosen_before_the_library_loads(
+    variable: str, default: str, library: str, preset: str | None
+) -> None:
+    """gRPC reads GRPC_EXPERIMENTS once, when first imported, and libgomp GOMP_SPINCOUNT once, when
+    torch is: importing the service package sets both (service/__init__.py) without importing either
+    library, and a value the operator set wins."""
+    env = {k: v for k, v in os.environ.items() if k != variable}
     if preset is not None:
-        env["GRPC_EXPERIMENTS"] = preset
-    code = ("import os, sys, service; loaded = 'grpc' in sys.modules; import service.server; "
-            "print(repr((loaded, os.environ['GRPC_EXPERIMENTS'])))")
+        env[variable] = preset
+    code = (f"import os, sys, service; loaded = {library!r} in sys.modules; import service.server; "
+            f"print(repr((loaded, os.environ[{variable!r}])))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout.strip()
-    assert out == repr((False, GRPC_EXPERIMENTS if preset is None else preset))
-
-
-@pytest.mark.parametrize("preset", [None, "300000"])
-def test_openmp_spin_is_chosen_before_torch_loads(preset: str | None) -> None:
-    """libgomp reads GOMP_SPINCOUNT once, when torch is imported: importing the service package sets
-    it without importing torch, and a value the operator set wins."""
-    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    if preset is not None:
-        env["GOMP_SPINCOUNT"] = preset
-    code = ("import os, sys, service; loaded = 'torch' in sys.modules; import service.server; "
-            "print(repr((loaded, os.environ['GOMP_SPINCOUNT'])))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                         cwd=ROOT).stdout.strip()
-    assert out == repr((False, GOMP_SPINCOUNT if preset is None else preset))
+    assert out == repr((False, default if preset is None else preset))
 
 
 def test_only_the_engine_thread_runs_torch_on_several_threads(tiny_checkpoint: Path) -> None:
