@@ -30,3 +30,47 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 GOMP_SPINCOUNT = "30000"
 
 os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+
+# The model's OpenMP threads are bound one per core (libgomp's OMP_PROC_BIND=close over
+# OMP_PLACES=cores: the engine thread on the first core of the process's CPU set, each worker on
+# the next). Unbound, the worker sleeps between steps (the spin above) and the kernel woke it at
+# times on the engine thread's core while the other stood idle: ~4 % of the 64-session steps ran
+# 2-3x long with both model threads queued on one core, and a lone session's turnaround waited
+# on such wake-ups. Served, alternated (docs/performance.md, "Bound model threads"): p99 at 64
+# token-by-token sessions 22-24 -> 14-17 ms, a lone session 403 -> 686 tokens/s. libgomp reads the
+# variables when torch loads and then binds the loading thread too, so torch is loaded here and
+# that thread gets its CPUs back: the event loop and gRPC's threads stay free to run anywhere.
+# The variables are not left to child processes. An operator's OMP_PROC_BIND or
+# GOMP_CPU_AFFINITY wins (OMP_PROC_BIND=false: no binding); where torch was loaded before this
+# package, nothing is bound.
+OMP_PROC_BIND = "close"
+OMP_PLACES = "cores"
+
+
+def _load_torch_with_bound_threads() -> str:
+    """Load torch with the model's OpenMP threads bound; what applies, for the startup log."""
+    import sys
+
+    if "torch" in sys.modules:
+        return "off (torch was loaded before the service package)"
+    if not hasattr(os, "sched_getaffinity"):
+        return "off (no CPU affinity on this platform)"
+    cpus = os.sched_getaffinity(0)
+    chosen = "OMP_PROC_BIND" in os.environ or "GOMP_CPU_AFFINITY" in os.environ
+    added = {} if chosen else {"OMP_PROC_BIND": OMP_PROC_BIND}
+    if not chosen and "OMP_PLACES" not in os.environ:
+        added["OMP_PLACES"] = OMP_PLACES
+    os.environ.update(added)
+    try:
+        import torch  # noqa: F401  (libgomp reads the variables now)
+    finally:
+        for name in added:
+            os.environ.pop(name)
+        os.sched_setaffinity(0, cpus)  # (an operator's binding pinned this thread just the same)
+    if chosen:
+        return " ".join(f"{k}={os.environ[k]}" for k in ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
+                        if k in os.environ) + " (set by the environment)"
+    return f"OMP_PROC_BIND={OMP_PROC_BIND} OMP_PLACES={added.get('OMP_PLACES') or os.environ['OMP_PLACES']}"
+
+
+OPENMP_BINDING = _load_torch_with_bound_threads()

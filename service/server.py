@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
+import service
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.model import resolve_device
 from model.tokenizer import UnknownCharacterError
@@ -676,7 +677,7 @@ async def serve(config: ServerConfig) -> int:
     info = server.engine.checkpoint
     log.info(
         "serving %s (%s %dx%d, sha256 %s…) on %s:%d (%s, %s), %s, durability %s, device %s %s, event loop %s, "
-        "GRPC_EXPERIMENTS=%s",
+        "GRPC_EXPERIMENTS=%s, model threads bound: %s",
         info.path, info.config.cell_type, info.config.num_layers, info.config.hidden_size, info.sha256[:12],
         config.host, port,
         ("mutual TLS" if config.tls_client_ca else "TLS") if config.tls_cert else "plaintext",
@@ -684,7 +685,7 @@ async def serve(config: ServerConfig) -> int:
         f"metrics on :{server.metrics_port}" if server.metrics_port is not None else "metrics off",
         config.durability if config.durability == "none" else f"{config.durability} in {config.state_dir}",
         server.engine.device.type, config.dtype, eventloop.loop_name(),
-        os.environ.get("GRPC_EXPERIMENTS", ""),
+        os.environ.get("GRPC_EXPERIMENTS", ""), service.OPENMP_BINDING,
     )
     if config.port_file:
         try:

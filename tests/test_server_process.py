@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
-from service import GOMP_SPINCOUNT, GRPC_EXPERIMENTS
+from service import GOMP_SPINCOUNT, GRPC_EXPERIMENTS, OMP_PLACES, OMP_PROC_BIND
 from service.config import parse_config
 from tests.conftest import ROOT
 
@@ -140,22 +140,79 @@ def test_every_option_has_an_environment_variable() -> None:
         ("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS, "grpc", "-event_engine_client"),
         ("GOMP_SPINCOUNT", GOMP_SPINCOUNT, "torch", None),
         ("GOMP_SPINCOUNT", GOMP_SPINCOUNT, "torch", "300000"),
+        ("OMP_PROC_BIND", OMP_PROC_BIND, "torch", None),
+        ("OMP_PROC_BIND", OMP_PROC_BIND, "torch", "false"),
+        ("OMP_PLACES", OMP_PLACES, "torch", None),
+        ("OMP_PLACES", OMP_PLACES, "torch", "threads"),
     ],
 )
 def test_library_settings_are_chosen_before_the_library_loads(
     variable: str, default: str, library: str, preset: str | None
 ) -> None:
-    """gRPC reads GRPC_EXPERIMENTS once, when first imported, and libgomp GOMP_SPINCOUNT once, when
-    torch is: importing the service package sets both (service/__init__.py) without importing either
-    library, and a value the operator set wins."""
-    env = {k: v for k, v in os.environ.items() if k != variable}
+    """gRPC reads GRPC_EXPERIMENTS once, when first imported, and libgomp its variables once, when
+    torch is: importing the service package sets them first (service/__init__.py), and a value the
+    operator set wins. The OpenMP binding is not passed on to child processes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")}
     if preset is not None:
         env[variable] = preset
-    code = (f"import os, sys, service; loaded = {library!r} in sys.modules; import service.server; "
-            f"print(repr((loaded, os.environ[{variable!r}])))")
+    # An import hook notes the variable as the library's first import sees it.
+    code = f"""
+import os, sys
+seen = []
+class Note:
+    def find_spec(self, name, path=None, target=None):
+        if name == {library!r} and not seen:
+            seen.append(os.environ.get({variable!r}))
+sys.meta_path.insert(0, Note())
+import service.server
+print(repr((seen, os.environ.get({variable!r}))))
+"""
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout.strip()
-    assert out == repr((False, default if preset is None else preset))
+    expected = default if preset is None else preset
+    left = expected if variable not in ("OMP_PROC_BIND", "OMP_PLACES") else preset
+    assert out == repr(([expected], left))
+
+
+def test_model_threads_are_bound_one_per_core_and_the_rest_run_anywhere(tiny_checkpoint: Path) -> None:
+    """The engine thread and its OpenMP worker each run on one core of their own (the worker was woken
+    on the engine thread's core while the other idled); every other thread, the event loop's first,
+    keeps all the process's CPUs. Run on two CPUs (CI's machine has two)."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    assert len(cpus) == 2, "this test needs a machine with two CPUs"
+    code = """
+import asyncio, dataclasses, os, sys, threading
+from service.config import ServerConfig
+from service.server import create_server
+import torch
+
+def parallel_work():  # (the tiny model's ops are too small to run in parallel)
+    torch.randn(512, 512) @ torch.randn(512, 512)
+    return threading.get_native_id()
+
+def affinities():
+    return {int(t): sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+
+async def main():
+    config = dataclasses.replace(ServerConfig(), checkpoint=sys.argv[1], host="127.0.0.1", port=0,
+                                 metrics_port=-1, durability="none", threads=2)
+    server, _ = await create_server(config)
+    await server.start()
+    engine = await server.engine._on_engine(parallel_work)
+    print(repr((engine, threading.get_native_id(), affinities())))
+    await server.stop(grace=0)
+
+asyncio.run(main())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")}
+    out = subprocess.run(["taskset", "-c", ",".join(map(str, cpus)), sys.executable, "-c", code,
+                          str(tiny_checkpoint)], env=env, capture_output=True, text=True, check=True, cwd=ROOT,
+                         timeout=120).stdout.strip()
+    engine, loop, affinity = eval(out)  # (a repr of ints, lists and a dict)
+    assert affinity[engine] == [cpus[0]]
+    assert affinity[loop] == cpus
+    bound = sorted(c for tid, c in affinity.items() if tid != engine and c != cpus)
+    assert bound == [[cpus[1]]]  # the one OpenMP worker
 
 
 def test_only_the_engine_thread_runs_torch_on_several_threads(tiny_checkpoint: Path) -> None:
