@@ -37,7 +37,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
 # times on the engine thread's core while the other stood idle: ~4 % of the 64-session steps ran
 # 2-3x long with both model threads queued on one core, and a lone session's turnaround waited
 # on such wake-ups. Served, alternated (docs/performance.md, "Bound model threads"): p99 at 64
-# token-by-token sessions 22-24 -> 14-17 ms, a lone session 403 -> 686 tokens/s. libgomp reads the
+# token-by-token sessions 21-28 -> 14-20 ms, 8 sessions +20-30 % tokens/s. libgomp reads the
 # variables when torch loads and then binds the loading thread too, so torch is loaded here and
 # that thread gets its CPUs back: the event loop and gRPC's threads stay free to run anywhere.
 # The variables are not left to child processes. An operator's OMP_PROC_BIND or
