@@ -66,7 +66,10 @@ def _load_torch_with_bound_threads() -> str:
     finally:
         for name in added:
             os.environ.pop(name)
-        os.sched_setaffinity(0, cpus)  # (an operator's binding pinned this thread just the same)
+        try:  # (an operator's binding pinned this thread just the same)
+            os.sched_setaffinity(0, cpus)
+        except OSError:  # (a sandbox that refuses it: the thread stays where libgomp put it)
+            pass
     if chosen:
         return " ".join(f"{k}={os.environ[k]}" for k in ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
                         if k in os.environ) + " (set by the environment)"

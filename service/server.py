@@ -195,27 +195,25 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         """Run a handler that is one coroutine (the unary calls, and StreamSteps, which writes through
         the context): an engine refusal becomes the call's status, and every call is counted."""
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code: grpc.StatusCode | None = grpc.StatusCode.OK
         try:
             return await body()
         except asyncio.CancelledError:
             code = _gone(context)
             raise
         except Exception as e:
-            err = to_rpc_error(e)
-            code = err.code
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method)
-            await context.abort(err.code, str(err), trailing_metadata=err.trailing)
+            code = None  # counted by _refuse, before the client can see the status
+            await self._refuse(method, e, started, context, request)
             raise AssertionError("unreachable") from e  # abort raises
         finally:
-            self._finished(method, code, started, context, request)
+            if code is not None:
+                self._finished(method, code, started, context, request)
 
     async def _stream(
         self, method: str, context: grpc.aio.ServicerContext, body: AsyncIterator[T], request: Any = None
     ) -> AsyncIterator[T]:
         started = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code: grpc.StatusCode | None = grpc.StatusCode.OK
         try:
             async for message in body:
                 yield message
@@ -223,13 +221,22 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             code = _gone(context)
             raise
         except Exception as e:
-            err = to_rpc_error(e)
-            code = err.code
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method)
-            await context.abort(err.code, str(err), trailing_metadata=err.trailing)
+            code = None  # counted by _refuse, before the client can see the status
+            await self._refuse(method, e, started, context, request)
         finally:
-            self._finished(method, code, started, context, request)
+            if code is not None:
+                self._finished(method, code, started, context, request)
+
+    async def _refuse(
+        self, method: str, error: Exception, started: float, context: grpc.aio.ServicerContext, request: Any
+    ) -> None:
+        """End a call with the status its error maps to. Counted first: abort sends the status at
+        once, and a client that scrapes /metrics right after must find its failed call there."""
+        err = to_rpc_error(error)
+        if err.code is grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", method, exc_info=error)
+        self._finished(method, err.code, started, context, request)
+        await context.abort(err.code, str(err), trailing_metadata=err.trailing)
 
     def _finished(
         self, method: str, code: grpc.StatusCode, started: float, context: grpc.aio.ServicerContext, request: Any

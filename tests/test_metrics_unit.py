@@ -331,3 +331,61 @@ def test_configure_logging_rejects_bad_arguments(restore_logging) -> None:
         configure_logging("xml", "info")
     with pytest.raises(ValueError):
         configure_logging("json", "loud")
+
+
+# ---- the servicer counts a failed call before its status reaches the client --------------------
+
+
+class _AbortingContext:
+    """The part of grpc.aio.ServicerContext a refused call touches. abort() notes what /metrics held
+    at the moment the real one would send the status, then raises as the real one does."""
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self.metrics, self.method = metrics, method
+        self.counted_at_abort: float | None = None
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def time_remaining(self) -> None:
+        return None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    async def abort(self, code, details, trailing_metadata=()):  # type: ignore[no-untyped-def]
+        self.counted_at_abort = self.metrics.requests_total.labels(method=self.method, code=code.name)._value.get()
+        raise RuntimeError(f"aborted: {code.name}: {details}")
+
+
+async def test_a_failed_call_is_counted_before_the_client_sees_its_status() -> None:
+    # A client that scrapes /metrics as soon as its call fails must find that call counted.
+    from types import SimpleNamespace
+
+    from lstmserve_client.proto import lstm_service_pb2 as pb
+
+    from model.tokenizer import CharTokenizer
+    from service.config import ServerConfig
+    from service.engine import InvalidArgumentError
+    from service.server import LstmServicer
+
+    async def step(*args: object) -> None:  # the engine's answer to an out-of-vocabulary token
+        raise InvalidArgumentError("token 999 is out of range: the vocabulary has 3 tokens")
+
+    metrics = Metrics()
+    engine = SimpleNamespace(tokenizer=CharTokenizer("abc"), step=step)
+    servicer = LstmServicer(engine, ServerConfig(), metrics, None)  # type: ignore[arg-type]
+
+    unary = _AbortingContext(metrics, "Step")
+    with pytest.raises(RuntimeError, match="aborted: INVALID_ARGUMENT"):
+        await servicer.Step(pb.StepRequest(session_id="s", tokens=[999]), unary)  # type: ignore[arg-type]
+    assert unary.counted_at_abort == 1
+
+    streamed = _AbortingContext(metrics, "Generate")
+    with pytest.raises(RuntimeError, match="aborted: INVALID_ARGUMENT"):
+        async for _ in servicer.Generate(pb.GenerateRequest(max_tokens=3), streamed):  # type: ignore[arg-type]
+            pass
+    assert streamed.counted_at_abort == 1
+    # Counted once each, not again when the handler unwinds.
+    assert metrics.requests_total.labels(method="Step", code="INVALID_ARGUMENT")._value.get() == 1
+    assert metrics.requests_total.labels(method="Generate", code="INVALID_ARGUMENT")._value.get() == 1
