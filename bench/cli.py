@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per cell")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the measured window")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
 
     p = sub.add_parser("reference", help="write the reference checkpoint (if missing) and print its path")
@@ -366,7 +368,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
     checkpoint = resolve_model(args.model, Path(args.cache_dir))
     results = [run_inprocess(InProcessSpec(checkpoint=str(checkpoint), sessions=n, chunk=chunk,
-                                           duration=args.duration, warmup=args.warmup, threads=args.threads))
+                                           duration=args.duration, warmup=args.warmup, threads=args.threads,
+                                           device=args.device, dtype=args.dtype))
                for chunk in args.chunk for n in args.sessions]
     print(render_inprocess(results), end="")
     if args.json:

@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from prometheus_client import CollectorRegistry
 
 from bench.loadgen import BenchError, TokenSource
+from bench.offline import DTYPES
 from bench.report import fmt, table
 from bench.stats import summarize_ms
 from model.checkpoint import load_checkpoint
+from model.model import resolve_device
 from service import eventloop
 from service.engine import Engine, StepOptions
 from service.metrics import Metrics
@@ -42,6 +43,8 @@ class InProcessSpec:
     duration: float = 10.0  # measured seconds
     warmup: float = 2.0  # seconds of load before the measured window
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto, as the server's --device
+    dtype: str = "float32"  # the served dtype, as the server's --dtype
     top_k: int = 5  # top next tokens per input token, as the load generator asks
     seed: int = 0  # of the random input tokens
     label: str = ""
@@ -50,14 +53,21 @@ class InProcessSpec:
 def run_inprocess(spec: InProcessSpec) -> dict[str, Any]:
     if spec.sessions < 1 or spec.chunk < 1 or spec.duration <= 0 or spec.warmup < 0:
         raise BenchError("sessions and chunk must be >= 1, duration > 0 and warmup >= 0")
+    if spec.dtype not in DTYPES:
+        raise BenchError(f"dtype must be one of {', '.join(DTYPES)}")
     return eventloop.run(_run(spec))  # type: ignore[no-any-return]
 
 
 async def _run(spec: InProcessSpec) -> dict[str, Any]:
     threads = claim_torch_threads(spec.threads)  # as lstm-serve does: only the engine thread runs parallel work
-    checkpoint = load_checkpoint(spec.checkpoint)
+    try:
+        device = resolve_device(spec.device)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    dtype = DTYPES[spec.dtype]
+    checkpoint = load_checkpoint(spec.checkpoint, device=device, dtype=dtype)
     metrics = Metrics(CollectorRegistry(), process_metrics=False)
-    engine = Engine(checkpoint, torch.device("cpu"), metrics=metrics, threads=threads)
+    engine = Engine(checkpoint, device, dtype, metrics=metrics, threads=threads)
     engine.start(asyncio.get_running_loop())
     try:
         ids = [(await engine.create_session(OWNER)).session_id for _ in range(spec.sessions)]
@@ -128,6 +138,8 @@ async def _run(spec: InProcessSpec) -> dict[str, Any]:
         "cpu_pct": 100.0 * cpu / spec.duration,
         "mismatches": mismatches[0],
         "threads": engine.threads,
+        "device": device.type,
+        "dtype": spec.dtype,
         "spec": asdict(spec),
     }
 

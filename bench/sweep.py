@@ -199,6 +199,7 @@ class Sweep:
         (r,) = self.bench_subprocess("engine", [
             "--model", str(checkpoint), "--sessions", str(sessions), "--chunk", str(chunk),
             "--duration", str(self.cfg.duration), "--warmup", str(self.cfg.warmup),
+            "--device", self.server_config.device, "--dtype", self.server_config.dtype,
         ])
         log(f"{name}/engine N={sessions} chunk={chunk}: {r['tokens_per_s']:,.0f} tok/s, mean batch "
             f"{r['mean_batch'] or 0:.1f}, step {r['step_ms_mean'] or 0:.1f} ms, hold {r['hold_ms_mean'] or 0:.1f} ms")

@@ -286,10 +286,13 @@ def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_serve
         models=[str(tiny_checkpoint)], sessions=[1, 4], chunks=[2], duration=0.6, warmup=0.2, offline_duration=0.5,
         open_fractions=[], generate_sessions=[], memory_sessions=0, unbatched=False, rpc_floor=[[4, 2]],
         target_repeats=1, out=str(tmp_path / "bench.md"), img_dir=str(tmp_path / "img"),
-        json_out=str(tmp_path / "bench.json"), cache=str(tmp_path / "cache"),
+        json_out=str(tmp_path / "bench.json"), cache=str(tmp_path / "cache"), server_args=["--dtype", "bfloat16"],
     )
     sweep = run_sweep(cfg)
     (model,) = sweep["models"]
+    # The server's dtype is every side's: served, offline and the engine without gRPC.
+    assert {c["server"]["dtype"] for c in model["served"]} == {"bfloat16"}
+    assert {c["dtype"] for c in model["offline"] + model["engine"]} == {"bfloat16"}
     assert [(c["sessions"], c["chunk"]) for c in model["served"]] == [(1, 2), (4, 2)]
     assert [(c["sessions"], c["chunk"], c["batch"]) for c in model["offline"]] == [(1, 2, 1), (4, 2, 4)]
     assert all(c["tokens_per_s"] > 0 for c in model["served"] + model["offline"])
