@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from service import wire
 from service.auth import OPEN_METHOD_PREFIXES
 from service.engine import InvalidArgumentError
 
@@ -152,7 +153,8 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         method = details.method.rsplit("/", 1)[-1]
         kw = {
             "request_deserializer": _tolerant(handler.request_deserializer),
-            "response_serializer": handler.response_serializer,
+            # (an answer encoded ahead, wire.top_k_answer, goes out as it is)
+            "response_serializer": handler.response_serializer and wire.passing_bytes(handler.response_serializer),
         }
         for behavior, streaming_request, make in (
             (handler.unary_unary, False, grpc.unary_unary_rpc_method_handler),

@@ -354,10 +354,10 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         return await self._call("ForkSession", context, body, request)
 
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> Any:
-        async def body() -> pb.StepResponse:
+        async def body() -> pb.StepResponse | bytes:
             tokens, expected, options = self._step_args(request)
             result = await self.engine.step(self.principal(context), request.session_id, tokens, expected, options)
-            return _step_response(result)
+            return wire.top_k_answer(result) or _step_response(result)
 
         return await self._call("Step", context, body, request)
 
@@ -502,7 +502,7 @@ class _StepStream:
                 self.pending_tokens -= n_tokens
                 if self.room is not None and not self.room.done():
                     self.room.set_result(None)
-                await self.context.write(_step_response(result))
+                await self.context.write(wire.top_k_answer(result) or _step_response(result))
             if self.error is not None:
                 raise self.error
         finally:

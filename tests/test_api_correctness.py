@@ -6,6 +6,7 @@ Every served output is compared with an offline forward of the same checkpoint.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
 from model.checkpoint import load_checkpoint
+from service import wire
 from tests.conftest import RunningServer, corpus_text, logprobs_of, offline_logprobs
 
 TOL = 1e-4
@@ -95,6 +97,34 @@ async def test_top_tokens_are_the_most_likely(server: RunningServer, offline) ->
         assert list(out.top_tokens) == order.tolist()
         assert np.allclose(list(out.top_logprobs), want[i][order], atol=TOL)
         assert len(out.logprobs) == 0 and len(out.hidden) == 0  # not asked for
+
+
+async def test_streamed_top_k_answers_of_several_tokens_match_the_offline_model(
+    server: RunningServer, offline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Such answers leave StreamSteps encoded ahead (service/wire.py, top_k_answer): the client parses
+    them to the offline model's top tokens, with the session's id and position."""
+    encoded: list[bytes | None] = []
+    encode = wire.top_k_answer
+    monkeypatch.setattr(wire, "top_k_answer", lambda result: encoded.append(encode(result)) or encoded[-1])
+    tokens = offline.tokenizer.encode("Now is the winter of our discontent made glorious summer")
+    chunks = [tokens[i : i + 8] for i in range(0, len(tokens), 8)]
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        sid = await create(stub)
+        call = stub.StreamSteps(iter([pb.StepRequest(session_id=sid, tokens=c, top_k=5) for c in chunks]))
+        responses = [r async for r in call]
+    assert [r.session_id for r in responses] == [sid] * len(chunks)
+    assert [r.position for r in responses] == list(itertools.accumulate(len(c) for c in chunks))
+    outputs = [o for r in responses for o in r.outputs]
+    assert [o.token for o in outputs] == tokens
+    assert len(encoded) == len(chunks) and all(encoded)  # every answer went out as encoded bytes
+    want = offline_logprobs(offline, tokens)
+    for i, out in enumerate(outputs):
+        order = np.argsort(-want[i], kind="stable")[:5]
+        assert list(out.top_tokens) == order.tolist()
+        assert np.allclose(list(out.top_logprobs), want[i][order], atol=TOL)
+        assert len(out.logprobs) == 0 and len(out.hidden) == 0
 
 
 async def test_batch_invariance_alone_vs_among_100_busy_sessions(server: RunningServer, offline) -> None:

@@ -63,3 +63,47 @@ def test_which_results_take_the_wire_path() -> None:
     too_large = result(rng, 8, 65, 5, True, 0)
     too_large.tokens[1] = wire.MAX_ID  # does not fit ID_WIDTH: the list path
     assert not wire.fits(too_large)
+
+
+# ---- the common answer (top-k only) encoded ahead: wire.top_k_answer ------------------------------
+
+
+@pytest.mark.parametrize("n", [wire.MIN_TOP_K_TOKENS, 16, 64])
+@pytest.mark.parametrize("k", [1, 5, 24])
+@pytest.mark.parametrize(("session_id", "position"), [("s" * 22, 7), ("", 0), ("x" * 200, 2**40)])
+def test_top_k_answers_are_the_bytes_serialize_gives(n: int, k: int, session_id: str, position: int) -> None:
+    r = result(np.random.default_rng(n * 100 + k), n, 65, k, False, 0, session_id=session_id, position=position)
+    r.top_tokens[-1, -1], r.tokens[-1] = 127, 127  # the largest one-byte ids
+    r.top_logprobs[1, 0] = np.nan  # any float goes through as its 4 bytes
+    listed = _listed_step_response(pb.StepResponse(session_id=r.session_id, position=r.position), r)
+    encoded = wire.top_k_answer(r)
+    assert encoded == listed.SerializeToString()  # byte for byte: r.tokens[0] == 0 is omitted, as proto3 does
+    parsed = pb.StepResponse.FromString(encoded)
+    assert parsed.session_id == session_id and parsed.position == position and len(parsed.outputs) == n
+
+
+def test_answers_the_top_k_encoding_leaves_to_the_message() -> None:
+    rng = np.random.default_rng(3)
+
+    def top_k_only(n: int, k: int = 5) -> StepResult:
+        return result(rng, n, 65, k, False, 0)
+
+    assert wire.top_k_answer(top_k_only(16)) is not None
+    assert wire.top_k_answer(top_k_only(wire.MIN_TOP_K_TOKENS - 1)) is None  # the message is cheaper
+    assert wire.top_k_answer(top_k_only(16, k=25)) is None  # a TokenOutput of 128 bytes or more
+    assert wire.top_k_answer(result(rng, 16, 65, 0, False, 0)) is None  # no top-k asked
+    assert wire.top_k_answer(result(rng, 16, 65, 5, True, 0)) is None  # log-probabilities asked
+    assert wire.top_k_answer(result(rng, 16, 65, 5, False, 8)) is None  # hidden states asked
+    wide = top_k_only(16)
+    wide.top_tokens[3, 2] = 128  # a two-byte varint
+    assert wire.top_k_answer(wide) is None
+    wide = top_k_only(16)
+    wide.tokens[5] = 300
+    assert wire.top_k_answer(wide) is None
+
+
+def test_encoded_answers_pass_the_serializer_as_they_are() -> None:
+    serialize = wire.passing_bytes(pb.StepResponse.SerializeToString)
+    message = pb.StepResponse(session_id="abc", position=3)
+    assert serialize(message) == message.SerializeToString()
+    assert serialize(b"\x10\x03") == b"\x10\x03"
