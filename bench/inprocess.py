@@ -22,11 +22,10 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from bench.loadgen import BenchError, TokenSource
-from bench.offline import DTYPES
+from bench.offline import served_precision
 from bench.report import fmt, table
 from bench.stats import summarize_ms
 from model.checkpoint import load_checkpoint
-from model.model import resolve_device
 from service import eventloop
 from service.engine import Engine, StepOptions
 from service.metrics import Metrics
@@ -53,18 +52,12 @@ class InProcessSpec:
 def run_inprocess(spec: InProcessSpec) -> dict[str, Any]:
     if spec.sessions < 1 or spec.chunk < 1 or spec.duration <= 0 or spec.warmup < 0:
         raise BenchError("sessions and chunk must be >= 1, duration > 0 and warmup >= 0")
-    if spec.dtype not in DTYPES:
-        raise BenchError(f"dtype must be one of {', '.join(DTYPES)}")
     return eventloop.run(_run(spec))  # type: ignore[no-any-return]
 
 
 async def _run(spec: InProcessSpec) -> dict[str, Any]:
     threads = claim_torch_threads(spec.threads)  # as lstm-serve does: only the engine thread runs parallel work
-    try:
-        device = resolve_device(spec.device)
-    except ValueError as e:
-        raise BenchError(str(e)) from None
-    dtype = DTYPES[spec.dtype]
+    device, dtype = served_precision(spec.device, spec.dtype)
     checkpoint = load_checkpoint(spec.checkpoint, device=device, dtype=dtype)
     metrics = Metrics(CollectorRegistry(), process_metrics=False)
     engine = Engine(checkpoint, device, dtype, metrics=metrics, threads=threads)

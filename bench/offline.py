@@ -29,6 +29,16 @@ from service.runner import ModelRunner, RowInput
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def served_precision(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype a server given --device and --dtype runs the model in."""
+    if dtype not in DTYPES:
+        raise BenchError(f"dtype must be one of {', '.join(DTYPES)}")
+    try:
+        return resolve_device(device), DTYPES[dtype]
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+
+
 @dataclass
 class OfflineSpec:
     checkpoint: str  # checkpoint directory
@@ -51,18 +61,13 @@ def run_offline(spec: OfflineSpec) -> dict[str, Any]:
         raise BenchError("batch and chunk must be >= 1 and duration a finite number > 0")
     if spec.max_steps < 0 or spec.threads < 0 or spec.sessions < 0:
         raise BenchError("steps, threads and sessions must be >= 0")
-    if spec.dtype not in DTYPES:
-        raise BenchError(f"dtype must be one of {', '.join(DTYPES)}")
+    device, dtype = served_precision(spec.device, spec.dtype)
     if spec.threads > 0:
         torch.set_num_threads(spec.threads)
-    try:
-        device = resolve_device(spec.device)
-    except ValueError as e:
-        raise BenchError(str(e)) from None
-    checkpoint = load_checkpoint(spec.checkpoint, device=device, dtype=DTYPES[spec.dtype])
+    checkpoint = load_checkpoint(spec.checkpoint, device=device, dtype=dtype)
     cfg = checkpoint.config
     sessions = max(spec.sessions, spec.batch)
-    runner = ModelRunner(checkpoint, device, DTYPES[spec.dtype], initial_capacity=sessions, max_capacity=sessions)
+    runner = ModelRunner(checkpoint, device, dtype, initial_capacity=sessions, max_capacity=sessions)
     slots = [runner.allocate() for _ in range(sessions)]
     positions = [0] * sessions
     pool = np.random.default_rng(spec.seed).integers(0, cfg.vocab_size, size=1 << 16, dtype=np.int64).tolist()

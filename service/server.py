@@ -111,9 +111,12 @@ def _session_pb(info: SessionInfo) -> pb.Session:
     )
 
 
-def _step_response(result: StepResult) -> pb.StepResponse:
+def _step_response(result: StepResult) -> pb.StepResponse | bytes:
     # Built in place (outputs.add) from whole-array tolist() calls: the cheapest way found to
     # fill repeated sub-messages from Python (~30% less than constructing TokenOutputs).
+    encoded = wire.top_k_answer(result)  # the common answer of several tokens: its bytes, no message
+    if encoded is not None:
+        return encoded
     if wire.fits(result):  # a large answer: built as wire bytes, 4-10x faster (service/wire.py)
         return wire.step_response(result)
     response = pb.StepResponse(session_id=result.session_id, position=result.position)
@@ -357,7 +360,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         async def body() -> pb.StepResponse | bytes:
             tokens, expected, options = self._step_args(request)
             result = await self.engine.step(self.principal(context), request.session_id, tokens, expected, options)
-            return wire.top_k_answer(result) or _step_response(result)
+            return _step_response(result)
 
         return await self._call("Step", context, body, request)
 
@@ -502,7 +505,7 @@ class _StepStream:
                 self.pending_tokens -= n_tokens
                 if self.room is not None and not self.room.done():
                     self.room.set_result(None)
-                await self.context.write(wire.top_k_answer(result) or _step_response(result))
+                await self.context.write(_step_response(result))
             if self.error is not None:
                 raise self.error
         finally:

@@ -40,7 +40,7 @@ MAX_ID = 1 << (7 * ID_WIDTH)
 
 # Tags: (field number << 3) | wire type (0 varint, 2 length-delimited).
 _TOKEN, _TOP_TOKENS, _TOP_LOGPROBS, _LOGPROBS, _HIDDEN = 0x08, 0x12, 0x1A, 0x22, 0x2A
-_OUTPUT = 0x1A  # StepResponse.outputs
+_SESSION_ID, _POSITION, _OUTPUT = 0x0A, 0x10, 0x1A  # StepResponse.session_id, .position, .outputs
 
 
 def _padded_varints(values: np.ndarray, width: int) -> np.ndarray:
@@ -138,8 +138,8 @@ def top_k_answer(result: StepResult) -> bytes | None:
     with_token, without_token = bytes((_OUTPUT, body + 2, _TOKEN)), bytes((_OUTPUT, body))  # (proto3 omits a 0)
     session_id = result.session_id.encode()
     parts = [
-        b"\x0a" + _varint(len(session_id)) + session_id if session_id else b"",
-        b"\x10" + _varint(result.position) if result.position else b"",
+        bytes((_SESSION_ID,)) + _varint(len(session_id)) + session_id if session_id else b"",
+        bytes((_POSITION,)) + _varint(result.position) if result.position else b"",
     ]
     append = parts.append
     for i, token in enumerate(tokens):
