@@ -176,6 +176,11 @@ class Metrics:
         self.sessions_restored_total = Counter(
             "lstm_sessions_restored", "Sessions brought back onto the device from the state store.", registry=r
         )
+        self.stream_pending_answer_bytes = Gauge(
+            "lstm_stream_pending_answer_bytes",
+            "Answers due on StreamSteps calls (requested, not yet sent), in bytes (about).",
+            registry=r,
+        )
         self.state_memory_bytes = Gauge(
             "lstm_state_memory_bytes",
             "Memory allocated for recurrent states (the state slab's capacity; it grows, never shrinks).",

@@ -87,6 +87,11 @@ MAX_STREAM_IN_FLIGHT = 1024
 # And about this many bytes of answers: a client that sends large requests (log-probabilities,
 # hidden states) and never reads must not make the server hold a thousand answers for it.
 MAX_STREAM_PENDING_BYTES = 64 * 1024 * 1024
+# And over all streams: answers due (requested and not yet sent). Past it a stream submits only
+# when it has nothing unanswered, so clients that read go on one request at a time while streams
+# that never read keep only what they hold (each may hold MAX_STREAM_PENDING_BYTES: 100 such
+# streams could make the server hold 6.4 GB).
+MAX_PENDING_ANSWER_BYTES = 1024 * 1024 * 1024
 # And engine.QUEUE_SHARE of the engine's queue (--max-queued-tokens), as one session may: with
 # 1024 requests of 256 tokens in flight, one pipelining stream (lstm-client score) held the whole
 # default queue, and a second such stream, or anyone else's request, got RESOURCE_EXHAUSTED.
@@ -180,6 +185,8 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         # An unset top_k means 5, or the whole vocabulary if it is smaller.
         vocab = len(engine.tokenizer)
         self.default_options = DEFAULT_STEP_OPTIONS if vocab >= DEFAULT_STEP_OPTIONS.top_k else StepOptions(vocab)
+        self.pending_answer_bytes = 0  # about how large the answers due on all StreamSteps calls are
+        metrics.stream_pending_answer_bytes.set_function(lambda: self.pending_answer_bytes)
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -448,7 +455,8 @@ class _StepStream:
             self.waiter.set_result(None)
 
     async def _read(self) -> None:
-        engine = self.servicer.engine
+        servicer = self.servicer
+        engine = servicer.engine
         try:
             while True:
                 request = await self.context.read()
@@ -457,14 +465,18 @@ class _StepStream:
                 if isinstance(request, Malformed):
                     raise MalformedRequestError(request.message())
                 tokens, expected, options = self.servicer._step_args(request)
-                while self.inflight and self.pending_tokens + len(tokens) > self.max_pending_tokens:
-                    await self._room_for_more()  # (checked before submitting: the share is a bound)
+                size = engine.response_bytes(len(tokens), options)
+                while self.inflight and (  # (checked before submitting: the share and the total are bounds)
+                    self.pending_tokens + len(tokens) > self.max_pending_tokens
+                    or servicer.pending_answer_bytes + size > MAX_PENDING_ANSWER_BYTES
+                ):
+                    await self._room_for_more()
                 future, item = engine.submit_step(
                     self.owner, request.session_id, tokens, expected, options, self.group
                 )
-                size = engine.response_bytes(len(tokens), options)
                 self.inflight.append((future, item, size, len(tokens)))
                 self.pending_bytes += size
+                servicer.pending_answer_bytes += size
                 self.pending_tokens += len(tokens)
                 if self.waiter is not None and len(self.inflight) == 1:
                     future.add_done_callback(self._wake)  # wake run() when the answer is ready, not before
@@ -502,6 +514,7 @@ class _StepStream:
                 result = await self.inflight[0][0]
                 _, _, size, n_tokens = self.inflight.popleft()
                 self.pending_bytes -= size
+                self.servicer.pending_answer_bytes -= size
                 self.pending_tokens -= n_tokens
                 if self.room is not None and not self.room.done():
                     self.room.set_result(None)
@@ -509,7 +522,9 @@ class _StepStream:
             if self.error is not None:
                 raise self.error
         finally:
-            reader.cancel()
+            reader.cancel()  # (it appends nothing more: cancelled at its next resumption)
+            self.servicer.pending_answer_bytes -= self.pending_bytes  # (those answers will not be sent)
+            self.pending_bytes = 0
             scheduler = self.servicer.engine.scheduler
             for future, item, _, _ in self.inflight:
                 if future.done() and not future.cancelled():

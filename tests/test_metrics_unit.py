@@ -39,6 +39,7 @@ EXPECTED = {  # family name (as the parser reports it) -> type
     "lstm_sessions_deleted": "counter",
     "lstm_sessions_evicted": "counter",
     "lstm_sessions_restored": "counter",
+    "lstm_stream_pending_answer_bytes": "gauge",
     "lstm_state_memory_bytes": "gauge",
     "lstm_model_info": "gauge",
 }

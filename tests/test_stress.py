@@ -404,6 +404,54 @@ async def test_a_stream_that_never_reads_large_answers_is_held_to_a_byte_bound(
             assert 2 <= most <= 3, most  # pipelined, but never more answers pending than the bound
 
 
+async def test_answers_due_over_all_streams_are_held_to_a_server_wide_byte_bound(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_PENDING_ANSWER_BYTES over all StreamSteps calls a stream submits only with nothing
+    unanswered: pipelining streams stay within it (plus one answer each), a stream that stops
+    reading keeps only what it holds, and every request is still answered, in order."""
+    import service.server
+
+    per_answer = 200 * (16 + 9 * 5 + 4 * 65 + 6)  # engine.response_bytes of one request below
+    cap = 3 * per_answer
+    monkeypatch.setattr(service.server, "MAX_PENDING_ANSWER_BYTES", cap)
+    with run_server(tiny_checkpoint, max_chunk_tokens=1) as srv:
+        registry = srv.server.metrics.registry
+        most = 0.0
+
+        async def watch() -> None:
+            nonlocal most
+            while True:
+                most = max(most, registry.get_sample_value("lstm_stream_pending_answer_bytes") or 0.0)
+                await asyncio.sleep(0.001)
+
+        async with grpc.aio.insecure_channel(srv.target) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            sids = [(await stub.CreateSession(pb.CreateSessionRequest())).session.session_id for _ in range(4)]
+
+            def requests(sid: str, n: int) -> Any:
+                return iter([pb.StepRequest(session_id=sid, text="b" * 200, return_logprobs=True)] * n)
+
+            watcher = asyncio.create_task(watch())
+            try:
+                # A stream that sends 8 and reads nothing until the others are done.
+                hog = stub.StreamSteps(requests(sids[0], 8))
+                await asyncio.sleep(0.3)
+                async def positions(call: Any) -> list[int]:
+                    return [(await call.read()).position for _ in range(8)]
+
+                pipelining = [stub.StreamSteps(requests(sid, 8)) for sid in sids[1:]]
+                answers = await asyncio.gather(*(positions(c) for c in pipelining))
+                hog_answers = await positions(hog)
+            finally:
+                watcher.cancel()
+            want = [200 * (i + 1) for i in range(8)]
+            assert answers == [want] * 3 and hog_answers == want
+            assert most <= cap + 4 * per_answer, (most, cap)  # 4 streams; without the bound ~24 answers were due
+            assert most >= cap, most  # (the bound was reached: the test exercised it)
+        assert registry.get_sample_value("lstm_stream_pending_answer_bytes") == 0
+
+
 async def test_two_pipelining_streams_share_the_engine_queue(tiny_checkpoint: Path) -> None:
     """One stream holds at most 1/QUEUE_SHARE of --max-queued-tokens: two clients that
     pipeline more than the whole queue (lstm-client score does) both finish; they used to fill the
