@@ -464,7 +464,7 @@ class _StepStream:
                     return
                 if isinstance(request, Malformed):
                     raise MalformedRequestError(request.message())
-                tokens, expected, options = self.servicer._step_args(request)
+                tokens, expected, options = servicer._step_args(request)
                 size = engine.response_bytes(len(tokens), options)
                 while self.inflight and (  # (checked before submitting: the share and the total are bounds)
                     self.pending_tokens + len(tokens) > self.max_pending_tokens

@@ -106,6 +106,9 @@ def step_response(result: StepResult) -> pb.StepResponse:
 # tokens with top-5: 13 against 24 µs; one token: 5.5 against 2.5 µs).
 MIN_TOP_K_TOKENS = 4
 _ONE_BYTE = 0x7F  # the largest value a one-byte varint holds
+# The largest k whose TokenOutput (6 + 5k bytes with its token: three tags, the token, two
+# lengths, k ids, k floats) keeps a one-byte length.
+MAX_TOP_K = (_ONE_BYTE - 6) // 5
 
 
 def _varint(value: int) -> bytes:
@@ -121,13 +124,13 @@ def top_k_answer(result: StepResult) -> bytes | None:
     """The encoded StepResponse of a top-k-only answer of several tokens, byte for byte what
     SerializeToString gives for the message (tests/test_wire.py), or None where that message is
     cheaper or the layout below does not hold: every id a one-byte varint, every TokenOutput
-    shorter than 128 bytes (k <= 24). gRPC sends the bytes as they are (passing_bytes)."""
+    shorter than 128 bytes (k <= MAX_TOP_K). gRPC sends the bytes as they are (passing_bytes)."""
     top_t, top_l = result.top_tokens, result.top_logprobs
     tokens = result.tokens
     if result.logprobs is not None or result.hidden is not None or top_t is None or top_l is None:
         return None
     k = top_t.shape[1]
-    if len(tokens) < MIN_TOP_K_TOKENS or not 0 < k <= 24:
+    if len(tokens) < MIN_TOP_K_TOKENS or not 0 < k <= MAX_TOP_K:
         return None
     if max(tokens) > _ONE_BYTE or min(tokens) < 0 or int(top_t.max()) > _ONE_BYTE or int(top_t.min()) < 0:
         return None

@@ -69,7 +69,7 @@ def test_which_results_take_the_wire_path() -> None:
 
 
 @pytest.mark.parametrize("n", [wire.MIN_TOP_K_TOKENS, 16, 64])
-@pytest.mark.parametrize("k", [1, 5, 24])
+@pytest.mark.parametrize("k", [1, 5, wire.MAX_TOP_K])
 @pytest.mark.parametrize(("session_id", "position"), [("s" * 22, 7), ("", 0), ("x" * 200, 2**40)])
 def test_top_k_answers_are_the_bytes_serialize_gives(n: int, k: int, session_id: str, position: int) -> None:
     r = result(np.random.default_rng(n * 100 + k), n, 65, k, False, 0, session_id=session_id, position=position)
@@ -90,7 +90,7 @@ def test_answers_the_top_k_encoding_leaves_to_the_message() -> None:
 
     assert wire.top_k_answer(top_k_only(16)) is not None
     assert wire.top_k_answer(top_k_only(wire.MIN_TOP_K_TOKENS - 1)) is None  # the message is cheaper
-    assert wire.top_k_answer(top_k_only(16, k=25)) is None  # a TokenOutput of 128 bytes or more
+    assert wire.top_k_answer(top_k_only(16, k=wire.MAX_TOP_K + 1)) is None  # a TokenOutput of 128 bytes or more
     assert wire.top_k_answer(result(rng, 16, 65, 0, False, 0)) is None  # no top-k asked
     assert wire.top_k_answer(result(rng, 16, 65, 5, True, 0)) is None  # log-probabilities asked
     assert wire.top_k_answer(result(rng, 16, 65, 5, False, 8)) is None  # hidden states asked
