@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-tokens", type=int, default=None)
     p.add_argument("--memory-sessions", type=int, default=None, help="idle sessions for the memory check (0 = skip)")
     p.add_argument("--target-repeats", type=int, default=None,
-                   help="extra (served, offline) pairs at the throughput-target cells; their checks take the "
-                        "median ratio (default 4, --quick 0)")
+                   help="extra (served, offline) pairs at the target cells (256x1, 64x16, the 64x1 tail); their "
+                        "checks take the median of the pairs (default 4, --quick 0)")
     p.add_argument("--no-unbatched", action="store_true", help="skip the --max-batch-sessions 1 server")
     p.add_argument("--server-args", default="", help="extra lstm-serve flags for every spawned server ('--threads 1')")
     p.add_argument("--server-cpus", default=None, help="taskset -c CPUS for the server and offline runs (e.g. 0)")

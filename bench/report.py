@@ -17,6 +17,7 @@ from service.engine import EngineLimits
 
 P99_TARGET_MS = 150.0  # p99 at 256 sessions should stay under this
 STEP_MULTIPLE = 3.0  # p99 at 64 token-by-token sessions vs this many median engine steps
+TAIL_CELL = (64, 1)  # (sessions, chunk) of that latency target
 # (sessions, chunk, served/offline at least this): the issue's throughput targets.
 RATIO_TARGETS = ((256, 1, 0.3), (64, 16, 0.75))
 UNBATCHED_TARGET = 8.0  # served/unbatched at 256 token-by-token sessions
@@ -178,26 +179,38 @@ def _check(name: str, value: float, limit: float, unit: str, detail: str = "") -
     return {"name": name, "value": value, "limit": limit, "unit": unit, "pass": ok, "detail": detail}
 
 
-def target_pairs(m: dict[str, Any], sessions: int, chunk: int) -> list[tuple[float, float, float | None]]:
-    """(served tokens/s, offline tokens/s, served p99 ms) of a cell: its first pass, then each
-    repeated pair (sweep.target_repeats)."""
+def repeated_cells() -> list[tuple[int, int]]:
+    """(sessions, chunk) of the cells a sweep measures again after its first pass (sweep.target_repeats):
+    the throughput targets' and the tail target's."""
+    return [(n, chunk) for n, chunk, _ in RATIO_TARGETS] + [TAIL_CELL]
+
+
+def target_pairs(m: dict[str, Any], sessions: int, chunk: int) -> list[dict[str, Any]]:
+    """A cell's (served, offline) pairs: its first pass, then each repeated pair (sweep.target_repeats),
+    as the sweep's repeat_pair keeps them (older sweeps' repeats lack the step times)."""
     first_s, first_o = _find(m.get("served", []), sessions, chunk), _find(m.get("offline", []), sessions, chunk)
-    pairs = [(first_s["tokens_per_s"], first_o["tokens_per_s"], (first_s.get("latency_ms") or {}).get("p99"))
-             ] if first_s and first_o else []
-    return pairs + [(p["served_tokens_per_s"], p["offline_tokens_per_s"], p["p99_ms"]) for p in m.get("repeats", [])
-                    if p["sessions"] == sessions and p["chunk"] == chunk]
+    pairs = []
+    if first_s:
+        pairs.append({
+            "served_tokens_per_s": first_s["tokens_per_s"],
+            "offline_tokens_per_s": (first_o or {}).get("tokens_per_s"),
+            "p99_ms": (first_s.get("latency_ms") or {}).get("p99"),
+            "server_step_p50_ms": ((first_s.get("server_window") or {}).get("step_ms") or {}).get("p50"),
+            "offline_step_p50_ms": ((first_o or {}).get("step_ms") or {}).get("p50"),
+        })
+    return pairs + [p for p in m.get("repeats", []) if p["sessions"] == sessions and p["chunk"] == chunk]
 
 
 def target_ratios(m: dict[str, Any], sessions: int, chunk: int) -> list[float]:
     """served/offline of each of a cell's pairs (target_pairs)."""
-    ratios = [_ratio(served, offline) for served, offline, _ in target_pairs(m, sessions, chunk)]
+    ratios = [_ratio(p["served_tokens_per_s"], p["offline_tokens_per_s"]) for p in target_pairs(m, sessions, chunk)]
     return [r for r in ratios if r is not None]
 
 
 def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
     """The pass/fail statements for one model of a sweep (the issue's targets)."""
     checks: list[dict[str, Any]] = []
-    served, offline, unbatched = m.get("served", []), m.get("offline", []), m.get("unbatched", [])
+    served, unbatched = m.get("served", []), m.get("unbatched", [])
     for n, chunk, target in RATIO_TARGETS:
         ratios = target_ratios(m, n, chunk)
         if not ratios and target_pairs(m, n, chunk):  # measured, but no offline reading to divide by
@@ -218,20 +231,28 @@ def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
         if o.get("sessions") == 256:
             checks.append(_check(f"p99 at 256 sessions, open loop at {fmt(o.get('rate_target'), 0)} req/s",
                                  _p99(o), P99_TARGET_MS, "ms"))
-    c64 = _find(served, 64, 1)
-    if c64:
-        p99 = _p99(c64)
-        sources = []
-        srv = (c64.get("server_window") or {}).get("step_ms")
-        if srv and srv.get("p50"):
-            sources.append(("server /metrics lstm_step_duration_seconds (bucket-interpolated)", srv["p50"]))
-        off = _find(offline, 64, 1)
-        if off and off.get("step_ms"):
-            sources.append(("offline runner.execute at batch 64", off["step_ms"]["p50"]))
-        for source, median in sources:
-            checks.append(_check(f"p99 at 64 sessions (token by token) vs {STEP_MULTIPLE:g}x median step "
-                                 f"({source}: {fmt(median, 2)} ms)", p99, STEP_MULTIPLE * median, "ms"))
+    tail_runs = target_pairs(m, *TAIL_CELL)
+    for key, source in (("server_step_p50_ms", "server /metrics lstm_step_duration_seconds (bucket-interpolated)"),
+                        ("offline_step_p50_ms", f"offline runner.execute at batch {TAIL_CELL[0]}")):
+        # Each run's p99 against its own step times (the VM's speed moves between runs, and within
+        # one: a phase of slower cycles is the p99 of its run), and the run whose p99 / limit is the
+        # median decides, as the median pair does for the throughput targets.
+        runs = [(_p99_of(p), STEP_MULTIPLE * p[key]) for p in tail_runs if p.get(key)]
+        if not runs:
+            continue
+        by_ratio = sorted(runs, key=lambda r: r[0] / r[1])
+        p99, limit = by_ratio[(len(by_ratio) - 1) // 2]  # the lower median of an even count
+        detail = (f"median of {len(runs)} runs by p99 / limit: "
+                  + ", ".join(f"{fmt(v, 1)} / {fmt(lim, 1)}" for v, lim in runs)) if len(runs) > 1 else ""
+        checks.append(_check(f"p99 at {TAIL_CELL[0]} sessions (token by token) vs {STEP_MULTIPLE:g}x median step "
+                             f"({source}: {fmt(limit / STEP_MULTIPLE, 2)} ms)", p99, limit, "ms", detail))
     return checks
+
+
+def _p99_of(pair: dict[str, Any]) -> float:
+    """A pair's served p99 in ms; infinite when nothing was answered."""
+    p99 = pair.get("p99_ms")
+    return math.inf if p99 is None else float(p99)
 
 
 def _p99(cell: dict[str, Any]) -> float:
@@ -243,7 +264,8 @@ def render_check(c: dict[str, Any]) -> str:
     mark = "PASS" if c["pass"] else "FAIL"
     if c["unit"] in ("ms", "%"):
         value = "no answers" if math.isinf(c["value"]) else f"{fmt(c['value'], 1)} {c['unit']}"
-        return f"- **{mark}** {c['name']}: {value} (limit {fmt(c['limit'], 1)} {c['unit']})"
+        detail = f"; {c['detail']}" if c.get("detail") else ""
+        return f"- **{mark}** {c['name']}: {value} (limit {fmt(c['limit'], 1)} {c['unit']}{detail})"
     detail = f"; {c['detail']}" if c.get("detail") else ""
     # Two decimals, or three where two would round a miss up to the target (0.297 is not 0.30).
     digits = 2 if (round(c["value"], 2) >= c["limit"]) == c["pass"] else 3
@@ -308,14 +330,19 @@ def render_model_section(m: dict[str, Any], img_prefix: str) -> str:
 
     if m.get("repeats"):
         rows = []
-        for n, chunk, _ in RATIO_TARGETS:
-            for i, (s_tps, o_tps, p99) in enumerate(target_pairs(m, n, chunk), 1):
-                rows.append([n, chunk, i, s_tps, o_tps, ratio_text(_ratio(s_tps, o_tps)), p99])
+        for n, chunk in repeated_cells():
+            pairs = target_pairs(m, n, chunk)
+            for i, p in enumerate(pairs if len(pairs) > 1 else [], 1):
+                s_tps, o_tps = p["served_tokens_per_s"], p["offline_tokens_per_s"]
+                rows.append([n, chunk, i, s_tps, o_tps, ratio_text(_ratio(s_tps, o_tps)), p.get("p99_ms"),
+                             p.get("server_step_p50_ms"), p.get("offline_step_p50_ms")])
         out += ["### The target cells, pair by pair", "",
                 "Pair 1 is the cell of the tables above; the others ran again after the whole first pass, each "
-                "served cell followed by its offline cell. The checks below take the median ratio.", "",
-                table(["N", "chunk", "pair", "served tokens/s", "offline tokens/s", "served/offline", "p99 ms"],
-                      rows), ""]
+                "served cell followed by its offline cell. The checks below take the median ratio, and for the "
+                f"{TAIL_CELL[0]}-session tail the run whose p99 / ({STEP_MULTIPLE:g} x its median step) is the median.",
+                "",
+                table(["N", "chunk", "pair", "served tokens/s", "offline tokens/s", "served/offline", "p99 ms",
+                       "server step p50 ms", "offline step p50 ms"], rows), ""]
 
     opens = m.get("open", [])
     if opens:
@@ -470,8 +497,9 @@ def render_sweep(sweep: dict[str, Any], img_prefix: str = "img/") -> str:
         + (f", {fmt(cfg['offline_duration'], 1)} s measured" if cfg.get("offline_duration") else "")
         + ". Each offline cell runs right after the served cell of the same N and chunk (the server idles "
         "meanwhile), so a ratio divides two measurements taken together."
-        + (f" The throughput-target cells run {cfg['target_repeats']} more such pairs after the first pass, and "
-           "their checks take the median ratio of all the pairs." if cfg.get("target_repeats") else ""),
+        + (f" The target cells (256 x 1, 64 x 16 and the 64 x 1 tail) run {cfg['target_repeats']} more such pairs "
+           "after the first pass, and their checks take the median of all the pairs." if cfg.get("target_repeats")
+           else ""),
         "- Server: `lstm-serve` spawned per model at its defaults (durability snapshot every 5 s into a state "
         f"store in a temporary directory, `--max-batch-wait-ms {EngineLimits.max_batch_wait_ms:g}`)"
         + (f" plus `{' '.join(cfg['server_args'])}`" if cfg.get("server_args") else "") + ".",

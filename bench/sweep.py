@@ -52,9 +52,10 @@ class SweepConfig:
     # (sessions, chunk) cells run against the echo server of bench/pingpong.py (the RPC floor) and, per
     # model, through the engine in-process (bench/inprocess.py) ([] = skip both)
     rpc_floor: list[list[int]] = field(default_factory=lambda: [[256, 1], [64, 16]])
-    # Extra (served, offline) pairs at the throughput-target cells (report.RATIO_TARGETS), run one
-    # after the other once the first pass is done: this VM's speed drifts by tens of percent over
-    # minutes, so the targets read the median ratio of all the pairs (five by default), not one.
+    # Extra (served, offline) pairs at the target cells (report.repeated_cells: the throughput targets'
+    # and the 64-session tail's), run one after the other once the first pass is done: this VM's speed
+    # drifts by tens of percent over minutes, and within seconds (a slower phase of a few seconds is a
+    # run's p99), so the targets read the median of all the pairs (five by default), not one.
     target_repeats: int = 4
     server_cpus: str | None = None  # taskset -c for the server and the offline runs
     client_cpus: str | None = None  # CPU affinity of this process (the load generator)
@@ -233,7 +234,7 @@ class Sweep:
                     entry["offline"].append(self.offline_for(name, checkpoint, served.get("server"), n, chunk))
                     if [n, chunk] in cfg.rpc_floor:  # and, at the target cells, the engine without gRPC
                         entry["engine"].append(self.engine_cell(name, checkpoint, n, chunk))
-            targets = [(n, c) for n, c, _ in report.RATIO_TARGETS if n in cfg.sessions and c in cfg.chunks]
+            targets = [(n, c) for n, c in report.repeated_cells() if n in cfg.sessions and c in cfg.chunks]
             for repeat in range(cfg.target_repeats):
                 for n, chunk in targets:
                     served = self.closed_cell(server, f"{name}/served (pair {repeat + 2})", n, chunk)
@@ -326,6 +327,8 @@ def repeat_pair(served: dict[str, Any], offline: dict[str, Any]) -> dict[str, An
         "served_tokens_per_s": served["tokens_per_s"],
         "offline_tokens_per_s": offline["tokens_per_s"],
         "p99_ms": (served.get("latency_ms") or {}).get("p99"),
+        "server_step_p50_ms": ((served.get("server_window") or {}).get("step_ms") or {}).get("p50"),
+        "offline_step_p50_ms": (offline.get("step_ms") or {}).get("p50"),
         "errors": served.get("error_count", 0),
     }
 

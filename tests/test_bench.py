@@ -263,6 +263,26 @@ def test_sweep_document_and_plots(tmp_path: Path) -> None:
     assert "| 64 | 16 | 2 | 80.0 | 100.0 | 0.80× | 90.0 |" in md
     assert "run 1 more such pairs after the first pass" in md
 
+    # The 64-session tail: each run's p99 against 3x its own median step; the median run decides.
+    # First pass: p99 320 ms against 3 x 2 ms (server and offline step), far over.
+    model["repeats"] = [
+        {"sessions": 64, "chunk": 1, "served_tokens_per_s": 1.0, "offline_tokens_per_s": 1.0, "p99_ms": p99,
+         "server_step_p50_ms": step, "offline_step_p50_ms": 10.0, "errors": 0}
+        for p99, step in ((20.0, 10.0), (50.0, 20.0), (40.0, 10.0), (24.0, 10.0))
+    ]
+    tail = [c for c in model_checks(model) if c["name"].startswith("p99 at 64 sessions")]
+    server_tail, offline_tail = tail
+    # p99 / limit by run: 320/6 = 53, 20/30 = 0.67, 50/60 = 0.83, 40/30 = 1.33, 24/30 = 0.8: the median is 50 / 60.
+    assert (server_tail["value"], server_tail["limit"], server_tail["pass"]) == (50.0, 60.0, True)
+    assert server_tail["detail"] == "median of 5 runs by p99 / limit: 320.0 / 6.0, 20.0 / 30.0, 50.0 / 60.0, " \
+                                    "40.0 / 30.0, 24.0 / 30.0"
+    # Against the offline step (10 ms in the repeats): 53, 0.67, 1.67, 1.33, 0.8: the median run fails.
+    assert (offline_tail["value"], offline_tail["limit"], offline_tail["pass"]) == (40.0, 30.0, False)
+    md = render_sweep(sweep | {"models": [model]})
+    assert "**PASS** p99 at 64 sessions (token by token) vs 3x median step (server /metrics" in md
+    assert "50.0 ms (limit 60.0 ms; median of 5 runs by p99 / limit:" in md
+    assert "| 64 | 1 | 5 | 1.0 | 1.0 | 1.00× | 24.0 | 10.0 | 10.0 |" in md
+
 
 def test_spawned_server_gets_a_private_state_store(tmp_path: Path) -> None:
     from bench.spawn import SpawnedServer
@@ -281,7 +301,8 @@ def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_serve
     from bench import report
     from bench.sweep import SweepConfig, run_sweep
 
-    monkeypatch.setattr(report, "RATIO_TARGETS", ((4, 2, 0.3),))  # a target cell this small sweep has
+    monkeypatch.setattr(report, "RATIO_TARGETS", ((4, 2, 0.3),))  # target cells this small sweep has
+    monkeypatch.setattr(report, "TAIL_CELL", (1, 2))
     cfg = SweepConfig(
         models=[str(tiny_checkpoint)], sessions=[1, 4], chunks=[2], duration=0.6, warmup=0.2, offline_duration=0.5,
         open_fractions=[], generate_sessions=[], memory_sessions=0, unbatched=False, rpc_floor=[[4, 2]],
@@ -302,15 +323,20 @@ def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_serve
     assert [o.rsplit("/", 1)[1] for o in order] == [
         "served N=1 chunk=2", "offline N=1 chunk=2 batch=1", "served N=4 chunk=2", "offline N=4 chunk=2 batch=4",
         "engine N=4 chunk=2", "served (pair 2) N=4 chunk=2", "offline N=4 chunk=2 batch=4",
+        "served (pair 2) N=1 chunk=2", "offline N=1 chunk=2 batch=1",
     ]
-    (pair,) = model["repeats"]  # the target cell once more, after the first pass
+    pair, tail_pair = model["repeats"]  # the target cells once more, after the first pass
     assert (pair["sessions"], pair["chunk"], pair["errors"]) == (4, 2, 0)
     assert pair["served_tokens_per_s"] > 0 and pair["offline_tokens_per_s"] > 0
+    # The tail cell's pair keeps its run's own step times: its check compares each run with them.
+    assert (tail_pair["sessions"], tail_pair["chunk"], tail_pair["errors"]) == (1, 2, 0)
+    assert tail_pair["server_step_p50_ms"] > 0 and tail_pair["offline_step_p50_ms"] > 0
     (engine,) = model["engine"]
     assert (engine["sessions"], engine["chunk"], engine["mismatches"]) == (4, 2, 0) and engine["tokens_per_s"] > 0
     md = (tmp_path / "bench.md").read_text()
     assert "runs right after the served cell" in md
     assert "### The target cells, pair by pair" in md and "median of 2 pairs" in md
+    assert md.count("median of 2 runs by p99 / limit") == 2  # the tail against the server's and the offline step
     # The RPC floor ran against the echo server, and the ceiling row divides it with the model's own cells.
     (floor,) = sweep["rpc_floor"]
     assert (floor["sessions"], floor["chunk"], floor["error_count"]) == (4, 2, 0) and floor["tokens_per_s"] > 0
