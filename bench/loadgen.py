@@ -35,7 +35,7 @@ import numpy as np
 from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
-from bench.stats import cdf_points_ms, summarize_ms
+from bench.stats import cdf_points_ms, summarize_ms, timeline_ms
 from service import eventloop
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"
@@ -181,6 +181,7 @@ class Recorder:
         self.done_at: list[float] = []  # completion times after warm_end (requests)
         self.tokens_at: list[tuple[float, int]] = []  # (arrival time, tokens) after warm_end
         self.latencies: list[float] = []
+        self.sent_at: list[float] = []  # send time of each of `latencies` (for the timeline)
         self.ttft: list[float] = []
         self.itl: list[float] = []
         self.send_lag: list[float] = []
@@ -216,6 +217,7 @@ class Recorder:
             self.warmup_requests += 1
             return
         self.latencies.append(t_done - t_send)
+        self.sent_at.append(t_send)
         self.requests += 1
         self.tokens += n_tokens
 
@@ -579,6 +581,7 @@ def _result(spec: LoadSpec, rec: Recorder, info: Any, start: float, end: float, 
         "requests_per_s": done_in_window / window if window > 0 else 0.0,
         "latency_ms": summarize_ms(rec.latencies),
         "latency_cdf_ms": cdf_points_ms(rec.latencies),
+        "latency_timeline_ms": timeline_ms(rec.sent_at, rec.latencies, rec.warm_end),
         "ttft_ms": summarize_ms(rec.ttft),
         "itl_ms": summarize_ms(rec.itl),
         "send_lag_ms": summarize_ms(rec.send_lag),
@@ -595,5 +598,5 @@ def _result(spec: LoadSpec, rec: Recorder, info: Any, start: float, end: float, 
 # The fields every load result has (the smoke test checks them).
 result_fields = (
     "kind", "mode", "sessions", "chunk", "requests", "tokens", "tokens_per_s", "requests_per_s", "latency_ms",
-    "ttft_ms", "itl_ms", "errors", "error_count", "window_s", "client_cpu_pct", "server",
+    "ttft_ms", "itl_ms", "errors", "error_count", "window_s", "client_cpu_pct", "server", "latency_timeline_ms",
 )

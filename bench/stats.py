@@ -28,3 +28,20 @@ def cdf_points_ms(samples_s: Sequence[float], points: int = 101) -> list[float]:
         return []
     a = np.asarray(samples_s, dtype=np.float64) * 1e3
     return [float(x) for x in np.percentile(a, np.linspace(0, 100, points))]
+
+
+def timeline_ms(sent_at: Sequence[float], samples_s: Sequence[float], start: float, bin_s: float = 0.5
+                ) -> list[dict[str, Any]]:
+    """Latency by when the request was sent: per bin of `bin_s` seconds from `start`, the requests
+    sent in it and their p50/p99/max in ms (empty bins left out). A run's p99 can come from a
+    phase of a few seconds in which every request is slower; the bins show it."""
+    if len(samples_s) == 0:
+        return []
+    a = np.asarray(samples_s, dtype=np.float64) * 1e3
+    bins = np.floor((np.asarray(sent_at, dtype=np.float64) - start) / bin_s).astype(np.int64)
+    out = []
+    for b in np.unique(bins):
+        in_bin = a[bins == b]
+        out.append({"t_s": float(b * bin_s), "requests": int(in_bin.size), "p50": float(np.percentile(in_bin, 50)),
+                    "p99": float(np.percentile(in_bin, 99)), "max": float(in_bin.max())})
+    return out

@@ -49,6 +49,11 @@ def check_consistent(r: dict[str, Any], tokens_per_request: int, exact_rates: bo
     if exact_rates:  # (Generate: tokens counted as they arrive, calls as they end)
         assert r["tokens_per_s"] == pytest.approx(r["requests_per_s"] * tokens_per_request)
     assert len(r["latency_cdf_ms"]) == 101
+    # The timeline bins every measured request by its send time, from the end of the warm-up.
+    timeline = r["latency_timeline_ms"]
+    assert sum(b["requests"] for b in timeline) == r["requests"]
+    assert all(b["t_s"] >= 0 and b["p50"] <= b["p99"] <= b["max"] for b in timeline)
+    assert max(b["max"] for b in timeline) == pytest.approx(lat["max"])
 
 
 @pytest.mark.parametrize("chunk", [1, 4])
@@ -176,6 +181,19 @@ async def test_non_loopback_targets_are_refused(target: str) -> None:
 def test_cli_refuses_non_loopback(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_main(["load", "--target", "192.168.1.10:50051", "--duration", "0.1"]) == 2
     assert "loopback" in capsys.readouterr().err
+
+
+def test_latency_timeline_shows_a_slower_phase() -> None:
+    from bench.stats import timeline_ms
+
+    # 3 s of requests every 10 ms from t=100: 10 ms each, but 30 ms between 1.0 and 1.5 s.
+    sent = [100.005 + i * 0.01 for i in range(300)]  # (never on a bin edge)
+    latencies = [0.030 if 1.0 <= t - 100.0 < 1.5 else 0.010 for t in sent]
+    timeline = timeline_ms(sent, latencies, start=100.0, bin_s=0.5)
+    assert [b["t_s"] for b in timeline] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert [b["requests"] for b in timeline] == [50] * 6
+    assert [round(b["p50"]) for b in timeline] == [10, 10, 30, 10, 10, 10]
+    assert timeline_ms([], [], start=0.0) == []
 
 
 def _fake_cell(kind: str, n: int, chunk: int, tps: float, p99: float) -> dict[str, Any]:
