@@ -185,20 +185,27 @@ def repeated_cells() -> list[tuple[int, int]]:
     return [(n, chunk) for n, chunk, _ in RATIO_TARGETS] + [TAIL_CELL]
 
 
+def target_pair(served: dict[str, Any], offline: dict[str, Any] | None) -> dict[str, Any]:
+    """What the report keeps of a (served, offline) pair at a target cell: the sweep's repeats
+    are these, and a cell's first pass reads the same from its served and offline cells."""
+    return {
+        "sessions": served["sessions"],
+        "chunk": served["chunk"],
+        "served_tokens_per_s": served["tokens_per_s"],
+        "offline_tokens_per_s": (offline or {}).get("tokens_per_s"),
+        "p99_ms": (served.get("latency_ms") or {}).get("p99"),
+        "server_step_p50_ms": ((served.get("server_window") or {}).get("step_ms") or {}).get("p50"),
+        "offline_step_p50_ms": ((offline or {}).get("step_ms") or {}).get("p50"),
+        "errors": served.get("error_count", 0),
+    }
+
+
 def target_pairs(m: dict[str, Any], sessions: int, chunk: int) -> list[dict[str, Any]]:
-    """A cell's (served, offline) pairs: its first pass, then each repeated pair (sweep.target_repeats),
-    as the sweep's repeat_pair keeps them (older sweeps' repeats lack the step times)."""
+    """A cell's (served, offline) pairs (target_pair): its first pass, then each repeated pair
+    (sweep.target_repeats; older sweeps' repeats lack the step times)."""
     first_s, first_o = _find(m.get("served", []), sessions, chunk), _find(m.get("offline", []), sessions, chunk)
-    pairs = []
-    if first_s:
-        pairs.append({
-            "served_tokens_per_s": first_s["tokens_per_s"],
-            "offline_tokens_per_s": (first_o or {}).get("tokens_per_s"),
-            "p99_ms": (first_s.get("latency_ms") or {}).get("p99"),
-            "server_step_p50_ms": ((first_s.get("server_window") or {}).get("step_ms") or {}).get("p50"),
-            "offline_step_p50_ms": ((first_o or {}).get("step_ms") or {}).get("p50"),
-        })
-    return pairs + [p for p in m.get("repeats", []) if p["sessions"] == sessions and p["chunk"] == chunk]
+    first = [target_pair(first_s, first_o)] if first_s else []
+    return first + [p for p in m.get("repeats", []) if p["sessions"] == sessions and p["chunk"] == chunk]
 
 
 def target_ratios(m: dict[str, Any], sessions: int, chunk: int) -> list[float]:
@@ -262,11 +269,10 @@ def _p99(cell: dict[str, Any]) -> float:
 
 def render_check(c: dict[str, Any]) -> str:
     mark = "PASS" if c["pass"] else "FAIL"
+    detail = f"; {c['detail']}" if c.get("detail") else ""
     if c["unit"] in ("ms", "%"):
         value = "no answers" if math.isinf(c["value"]) else f"{fmt(c['value'], 1)} {c['unit']}"
-        detail = f"; {c['detail']}" if c.get("detail") else ""
         return f"- **{mark}** {c['name']}: {value} (limit {fmt(c['limit'], 1)} {c['unit']}{detail})"
-    detail = f"; {c['detail']}" if c.get("detail") else ""
     # Two decimals, or three where two would round a miss up to the target (0.297 is not 0.30).
     digits = 2 if (round(c["value"], 2) >= c["limit"]) == c["pass"] else 3
     return f"- **{mark}** {c['name']}: {c['value']:.{digits}f}× (target ≥ {c['limit']:g}×{detail})"

@@ -239,7 +239,7 @@ class Sweep:
                 for n, chunk in targets:
                     served = self.closed_cell(server, f"{name}/served (pair {repeat + 2})", n, chunk)
                     offline = self.offline_for(name, checkpoint, served.get("server"), n, chunk)
-                    entry["repeats"].append(repeat_pair(served, offline))
+                    entry["repeats"].append(report.target_pair(served, offline))
             entry["server_info"] = entry["served"][0]["server"] if entry["served"] else None
             base = next((c for c in entry["served"] if c["sessions"] == cfg.open_sessions and c["chunk"] == 1), None)
             if base is None and entry["served"]:
@@ -317,20 +317,6 @@ class Sweep:
         return {"machine": machine, "config": config, "models": models, "rpc_floor": floor, "memory": memory,
                 "notes": self.notes,
                 "elapsed_s": time.monotonic() - started}
-
-
-def repeat_pair(served: dict[str, Any], offline: dict[str, Any]) -> dict[str, Any]:
-    """What the report keeps of a repeated (served, offline) pair."""
-    return {
-        "sessions": served["sessions"],
-        "chunk": served["chunk"],
-        "served_tokens_per_s": served["tokens_per_s"],
-        "offline_tokens_per_s": offline["tokens_per_s"],
-        "p99_ms": (served.get("latency_ms") or {}).get("p99"),
-        "server_step_p50_ms": ((served.get("server_window") or {}).get("step_ms") or {}).get("p50"),
-        "offline_step_p50_ms": (offline.get("step_ms") or {}).get("p50"),
-        "errors": served.get("error_count", 0),
-    }
 
 
 def memory_check(checkpoint: Path, sessions: int, server_args: list[str] | None = None, cpus: str | None = None,
