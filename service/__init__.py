@@ -46,6 +46,20 @@ os.environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
 OMP_PROC_BIND = "close"
 OMP_PLACES = "cores"
 
+# The process's CPUs before anything is bound (None where the platform has no CPU affinity).
+PROCESS_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
+def unbind_thread() -> None:
+    """Give the calling thread the process's CPUs back. A thread started from the engine thread
+    inherits its binding to one core: the state store's writer did, and its snapshots then ran on
+    the engine thread's core while the model stepped (service/state_store.py)."""
+    if PROCESS_CPUS is not None:
+        try:
+            os.sched_setaffinity(0, PROCESS_CPUS)
+        except OSError:  # (a sandbox that refuses it: the thread stays where it was)
+            pass
+
 
 def _load_torch_with_bound_threads() -> str:
     """Load torch with the model's OpenMP threads bound; what applies, for the startup log."""
@@ -53,9 +67,8 @@ def _load_torch_with_bound_threads() -> str:
 
     if "torch" in sys.modules:
         return "off (torch was loaded before the service package)"
-    if not hasattr(os, "sched_getaffinity"):
+    if PROCESS_CPUS is None:
         return "off (no CPU affinity on this platform)"
-    cpus = os.sched_getaffinity(0)
     chosen = "OMP_PROC_BIND" in os.environ or "GOMP_CPU_AFFINITY" in os.environ
     added = {} if chosen else {"OMP_PROC_BIND": OMP_PROC_BIND}
     if not chosen and "OMP_PLACES" not in os.environ:
@@ -66,10 +79,7 @@ def _load_torch_with_bound_threads() -> str:
     finally:
         for name in added:
             os.environ.pop(name)
-        try:  # (an operator's binding pinned this thread just the same)
-            os.sched_setaffinity(0, cpus)
-        except OSError:  # (a sandbox that refuses it: the thread stays where libgomp put it)
-            pass
+        unbind_thread()  # (an operator's binding pinned this thread just the same)
     if chosen:
         return " ".join(f"{k}={os.environ[k]}" for k in ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")
                         if k in os.environ) + " (set by the environment)"

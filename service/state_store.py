@@ -26,6 +26,8 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from service import unbind_thread
+
 
 @dataclass
 class StoredSession:
@@ -149,7 +151,8 @@ class StoreThread:
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstm-store")
+        # Its thread starts on the engine thread's first call, so it would inherit the engine's core.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstm-store", initializer=unbind_thread)
 
     def _call(self, fn: Callable[..., T], *args: object) -> T:
         return self._thread.submit(fn, *args).result()

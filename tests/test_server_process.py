@@ -19,7 +19,7 @@ from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
 from service import GOMP_SPINCOUNT, GRPC_EXPERIMENTS, OMP_PLACES, OMP_PROC_BIND
 from service.config import parse_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_checkpoint
 
 SERVER = [sys.executable, "-m", "service.server"]
 
@@ -174,10 +174,13 @@ print(repr((seen, os.environ.get({variable!r}))))
     assert out == repr(([expected], left))
 
 
-def test_model_threads_are_bound_one_per_core_and_the_rest_run_anywhere(tiny_checkpoint: Path) -> None:
+def test_model_threads_are_bound_one_per_core_and_the_rest_run_anywhere(tmp_path: Path) -> None:
     """The engine thread and its OpenMP worker each run on one core of their own (the worker was woken
     on the engine thread's core while the other idled); every other thread, the event loop's first,
-    keeps all the process's CPUs. Run on two CPUs (CI's machine has two)."""
+    keeps all the process's CPUs: the state store's writer too, which the engine thread starts after
+    its warm-up bound it (the writer inherited the engine's core). Hidden 512, so that the warm-up
+    runs in parallel as a served model's does. Run on two CPUs (CI's machine has two)."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt", hidden=512)
     cpus = sorted(os.sched_getaffinity(0))[:2]
     assert len(cpus) == 2, "this test needs a machine with two CPUs"
     code = """
@@ -195,22 +198,24 @@ def affinities():
 
 async def main():
     config = dataclasses.replace(ServerConfig(), checkpoint=sys.argv[1], host="127.0.0.1", port=0,
-                                 metrics_port=-1, durability="none", threads=2)
+                                 metrics_port=-1, durability="snapshot", state_dir=sys.argv[2], threads=2)
     server, _ = await create_server(config)
     await server.start()
     engine = await server.engine._on_engine(parallel_work)
-    print(repr((engine, threading.get_native_id(), affinities())))
+    store = server.engine.store._thread.submit(threading.get_native_id).result()
+    print(repr((engine, threading.get_native_id(), store, affinities())))
     await server.stop(grace=0)
 
 asyncio.run(main())
 """
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_PROC_BIND", "OMP_PLACES", "GOMP_CPU_AFFINITY")}
     out = subprocess.run(["taskset", "-c", ",".join(map(str, cpus)), sys.executable, "-c", code,
-                          str(tiny_checkpoint)], env=env, capture_output=True, text=True, check=True, cwd=ROOT,
-                         timeout=120).stdout.strip()
-    engine, loop, affinity = eval(out)  # (a repr of ints, lists and a dict)
+                          str(checkpoint), str(tmp_path / "state")], env=env, capture_output=True, text=True,
+                         check=True, cwd=ROOT, timeout=120).stdout.strip()
+    engine, loop, store, affinity = eval(out)  # (a repr of ints, lists and a dict)
     assert affinity[engine] == [cpus[0]]
     assert affinity[loop] == cpus
+    assert store != engine and affinity[store] == cpus
     bound = sorted(c for tid, c in affinity.items() if tid != engine and c != cpus)
     assert bound == [[cpus[1]]]  # the one OpenMP worker
 
