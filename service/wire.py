@@ -11,8 +11,8 @@ server.py (below MIN_VALUES).
 The common answer of several tokens (top-k only, as a streaming client asks) is encoded ahead
 as well, by top_k_answer: byte for byte what SerializeToString would give, handed to gRPC as
 bytes (passing_bytes), with no message object built: 13 against 24 µs for 16 tokens with top-5,
-on the event-loop thread that every answer of a step waits for (docs/performance.md, "An AMX
-host": +4 % tokens/s at 64 sessions in 16-token chunks).
+on the event-loop thread that every answer of a step waits for (docs/performance.md, "Top-k
+answers encoded ahead": +4 % tokens/s at 64 sessions in 16-token chunks).
 
 The encoding is protobuf's (proto3, packed repeated fields) for lstmserve.v1.TokenOutput
 { int32 token = 1; repeated int32 top_tokens = 2; repeated float top_logprobs = 3;
