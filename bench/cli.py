@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.loadgen import MODES, TOKEN_SOURCES, BenchError, LoadSpec, check_loopback, run_load
+from bench.loadgen import MODES, TOKEN_SOURCES, TRANSPORTS, BenchError, LoadSpec, check_loopback, run_load
 from bench.models import cache_dir, reference_checkpoint, resolve_model
 from bench.spawn import SpawnedServer, parse_cpus
 from service import eventloop
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", choices=TOKEN_SOURCES, default="random", help="input token source")
     p.add_argument("--generate-tokens", type=int, default=32, help="generate: max_tokens per Generate")
     p.add_argument("--channels", type=int, default=1, help="gRPC connections to spread the sessions over")
+    p.add_argument("--transport", choices=TRANSPORTS, default="streams",
+                   help="closed loop: one StreamSteps stream per session, or 'batched': the sessions share one "
+                        "StreamStepBatches stream per connection (the client's StepMultiplexer)")
     p.add_argument("--drain-timeout", type=float, default=LoadSpec.drain_timeout,
                    help="after the measured time, seconds to wait for answers still due (then they count as "
                         "DRAIN_TIMEOUT errors) and for the sessions' deletion: bounds a run against a server that "
@@ -245,7 +248,7 @@ def cmd_load(args: argparse.Namespace) -> int:
                 spec = LoadSpec(target=target, mode=args.mode, sessions=n, chunk=chunk, duration=args.duration,
                                 max_requests=args.requests, warmup=args.warmup, rate=args.rate, tokens=args.tokens,
                                 generate_tokens=args.generate_tokens, channels=args.channels, seed=args.seed,
-                                drain_timeout=args.drain_timeout)
+                                drain_timeout=args.drain_timeout, transport=args.transport)
                 result = eventloop.run(run_load(spec))
                 results.append(result)
                 print(f"N={n} chunk={chunk}: {result['tokens_per_s']:,.0f} tok/s, "

@@ -4,7 +4,9 @@ It uses the generated stubs directly (not the client library) so that the client
 overhead stays small. Modes:
 
 closed    each session keeps one StreamSteps stream and sends its next chunk when the
-          previous answer arrives (concurrency = N requests in flight).
+          previous answer arrives (concurrency = N requests in flight). With the batched
+          transport the sessions share one StreamStepBatches stream per channel through
+          the client library's StepMultiplexer instead (what a gateway would do).
 open      requests arrive as a Poisson process at `rate` per second in aggregate, spread
           round-robin over the N sessions and written to each session's stream at their
           scheduled time whether or not earlier answers have come back; latency is
@@ -20,6 +22,7 @@ first). Requests sent during the warm-up are excluded from every statistic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import math
@@ -32,6 +35,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from lstmserve_client import AsyncClient, LstmServeError, StepMultiplexer
 from lstmserve_client.proto import lstm_service_pb2 as pb
 from lstmserve_client.proto import lstm_service_pb2_grpc as pb_grpc
 
@@ -40,6 +44,7 @@ from service import eventloop
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"
 MODES = ("closed", "open", "generate")
+TRANSPORTS = ("streams", "batched")
 TOKEN_SOURCES = ("random", "corpus")
 now = time.perf_counter
 
@@ -112,6 +117,7 @@ class LoadSpec:
     generate_tokens: int = 32  # generate: max_tokens of each Generate
     top_k: int = 5  # top_k asked for in each StepRequest
     channels: int = 1  # gRPC channels (connections) the sessions are spread over
+    transport: str = "streams"  # closed loop: a StreamSteps per session, or "batched" (StreamStepBatches)
     seed: int = 0
     drain_timeout: float = 30.0  # after the end, wait this long for answers still due
     label: str = ""  # free text carried into the result
@@ -127,6 +133,10 @@ class LoadSpec:
             raise BenchError("duration, warmup, rate and drain timeout must be finite numbers")
         if self.duration <= 0 or self.warmup < 0 or self.max_requests < 0 or self.drain_timeout <= 0:
             raise BenchError("duration and drain timeout must be > 0, warmup and max_requests >= 0")
+        if self.transport not in TRANSPORTS:
+            raise BenchError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        if self.transport == "batched" and self.mode != "closed":
+            raise BenchError("the batched transport runs the closed loop only (--mode closed)")
         if self.mode == "open" and self.rate <= 0:
             raise BenchError("open loop needs --rate > 0 (aggregate requests per second)")
         if self.mode == "generate" and self.generate_tokens < 1:
@@ -272,6 +282,41 @@ async def _closed_session(
                 await asyncio.wait_for(call.read(), timeout=spec.drain_timeout)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, asyncio.TimeoutError):
                 call.cancel()
+
+
+async def _closed_batched_session(
+    mux: StepMultiplexer, sid: str, src: TokenSource, spec: LoadSpec, rec: Recorder, deadline: float
+) -> None:
+    while True:
+        t0 = now()
+        if t0 >= deadline:
+            break
+        measured = rec.measured(t0)
+        if measured and not rec.take():
+            break
+        try:
+            result = await mux.step(sid, src.next(spec.chunk), top_k=spec.top_k)
+        except LstmServeError as e:
+            rec.error(e.code, measured)
+            await asyncio.sleep(0.01)
+            continue
+        except asyncio.CancelledError:  # the run's time is up (see run_load): the server never answered
+            rec.error("DRAIN_TIMEOUT", measured)
+            raise
+        rec.ok(t0, now(), len(result.outputs), measured)
+
+
+async def _closed_batched(
+    address: str, ids: list[str], sources: list[TokenSource], spec: LoadSpec, rec: Recorder, deadline: float
+) -> None:
+    """The closed loop over one StreamStepBatches stream per channel (the client's multiplexer)."""
+    async with contextlib.AsyncExitStack() as stack:
+        muxes = []
+        for _ in range(spec.channels):
+            client = await stack.enter_async_context(AsyncClient(address, options=channel_options(spec.channels)))
+            muxes.append(await stack.enter_async_context(client.multiplexer()))
+        await asyncio.gather(*(_closed_batched_session(muxes[i % len(muxes)], sid, src, spec, rec, deadline)
+                               for i, (sid, src) in enumerate(zip(ids, sources))))
 
 
 # ---- open loop -----------------------------------------------------------------------------
@@ -531,7 +576,9 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
             # the sessions are cancelled and their unanswered requests count as errors.
             # (The open loop bounds its own reads in _OpenSession.finish.)
             time_up = deadline - now() + spec.drain_timeout
-            if spec.mode == "closed":
+            if spec.mode == "closed" and spec.transport == "batched":
+                await _until(time_up, _closed_batched(address, ids, sources, spec, rec, deadline))
+            elif spec.mode == "closed":
                 await _until(time_up, asyncio.gather(*(_closed_session(st, sid, src, spec, rec, deadline)
                                                        for st, sid, src in zip(session_stubs, ids, sources))))
             elif spec.mode == "open":
@@ -564,6 +611,7 @@ def _result(spec: LoadSpec, rec: Recorder, info: Any, start: float, end: float, 
         "kind": "load",
         "label": spec.label,
         "mode": spec.mode,
+        "transport": spec.transport,
         "target": spec.target,
         "sessions": spec.sessions,
         "chunk": spec.chunk,

@@ -43,6 +43,7 @@ METHODS = (
     "ForkSession",
     "Step",
     "StreamSteps",
+    "StreamStepBatches",
     "Generate",
 )
 TOKEN_KINDS = ("input", "generated")

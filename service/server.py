@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -382,6 +383,14 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         """
         await self._call("StreamSteps", context, lambda: _StepStream(self, context).run(), None)
 
+    async def StreamStepBatches(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        """Many sessions' steps per message, each with its own result (see _BatchStream).
+
+        A step that fails gets an error result and the stream goes on; only a message that does
+        not parse (or a duplicate id) ends the stream, with INVALID_ARGUMENT.
+        """
+        await self._call("StreamStepBatches", context, lambda: _BatchStream(self, context).run(), None)
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async for response in self._stream("Generate", context, self._generate(request, context), request):
             yield response
@@ -527,6 +536,177 @@ class _StepStream:
             self.pending_bytes = 0
             scheduler = self.servicer.engine.scheduler
             for future, item, _, _ in self.inflight:
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: no "Future exception was never retrieved"
+                else:
+                    future.cancel()
+                scheduler.cancel(item)
+
+
+def _tagged(tag: int, value: bytes) -> bytes:
+    """A length-delimited field: its tag byte, the varint length, the bytes."""
+    return bytes((tag,)) + wire.varint(len(value)) + value
+
+
+_RESULTS = 0x0A  # StreamStepBatchesResponse.results: field 1, length-delimited
+_RESULT_ID = 0x08  # TaggedStepResult.id: field 1, varint
+_RESULT_RESPONSE = 0x12  # TaggedStepResult.response: field 2, length-delimited
+_RESULT_ERROR = 0x1A  # TaggedStepResult.error: field 3, length-delimited
+
+
+def _step_error(error: Exception) -> pb.StepError:
+    err = to_rpc_error(error)
+    if err.code is grpc.StatusCode.INTERNAL:
+        log.exception("StreamStepBatches: a step failed", exc_info=error)
+    message = pb.StepError(code=err.code.value[0], message=str(err))
+    if isinstance(error, PositionConflictError):
+        message.position = error.current_position
+    elif isinstance(error, ResourceExhaustedError):
+        message.retry_after_ms = error.retry_after_ms
+    return message
+
+
+class _BatchStream:
+    """One StreamStepBatches call.
+
+    The reader submits every step of a message as it arrives; a step's result is encoded when its
+    engine future completes (a done-callback) and queued; the writer sends everything queued as
+    one message. The engine completes a step's futures together, so the answers of one engine
+    step to one stream go out as one message: the per-message cost of gRPC is paid once per
+    step and stream, not once per session (docs/performance.md, "Batched streams").
+    """
+
+    def __init__(self, servicer: LstmServicer, context: grpc.aio.ServicerContext) -> None:
+        self.servicer = servicer
+        self.context = context
+        self.owner = servicer.principal(context)
+        # id -> (engine future, scheduler item, its answer's size, its tokens) of each step not yet answered
+        self.inflight: dict[int, tuple[asyncio.Future[StepResult], Any, int, int]] = {}
+        self.ready: list[bytes] = []  # encoded TaggedStepResults (with their field tag) waiting to be written
+        self.ready_bytes = 0  # the answer sizes counted for `ready` (released once written)
+        self.pending_bytes = 0  # about how large the answers of `inflight` and `ready` are
+        self.pending_tokens = 0  # input tokens of the steps in `inflight`
+        # A gateway's stream stands for many sessions: bounded by the engine's whole queue (which
+        # refuses past it, per step) rather than one session's share of it.
+        self.max_pending_tokens = servicer.engine.limits.max_queued_tokens
+        self.reading = True  # the reader task has not ended
+        self.error: Exception | None = None  # why the reader ended early (a malformed message)
+        self.waiter: asyncio.Future[None] | None = None  # set while run() sleeps with nothing to write
+        self.room: asyncio.Future[None] | None = None  # set while the reader waits for answers to go out
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def _queue(self, step_id: int, field: int, body: bytes, size: int) -> None:
+        self.ready.append(_tagged(_RESULTS, bytes((_RESULT_ID,)) + wire.varint(step_id) + _tagged(field, body)))
+        self.ready_bytes += size
+        self._wake()
+
+    def _failed(self, step_id: int, error: Exception) -> None:
+        """A step refused before it was submitted."""
+        self._queue(step_id, _RESULT_ERROR, _step_error(error).SerializeToString(), 0)
+
+    def _done(self, step_id: int, future: asyncio.Future[StepResult]) -> None:
+        entry = self.inflight.pop(step_id, None)
+        if entry is None or future.cancelled():  # (the stream is ending)
+            return
+        _, _, size, n_tokens = entry
+        self.pending_tokens -= n_tokens
+        error = future.exception()
+        if error is not None:
+            failure = error if isinstance(error, Exception) else RuntimeError(repr(error))
+            self._queue(step_id, _RESULT_ERROR, _step_error(failure).SerializeToString(), size)
+        else:
+            answer = _step_response(future.result())
+            body = answer if type(answer) is bytes else answer.SerializeToString()  # type: ignore[union-attr]
+            self._queue(step_id, _RESULT_RESPONSE, body, size)
+        if self.room is not None and not self.room.done():
+            self.room.set_result(None)
+
+    async def _read(self) -> None:
+        servicer = self.servicer
+        engine = servicer.engine
+        try:
+            while True:
+                message = await self.context.read()
+                if message is grpc.aio.EOF:
+                    return
+                if isinstance(message, Malformed):
+                    raise MalformedRequestError(message.message())
+                for tagged in message.steps:
+                    step_id, request = tagged.id, tagged.request
+                    if step_id in self.inflight:
+                        raise InvalidArgumentError(
+                            f"step id {step_id} is already in flight on this stream; ids must be unique "
+                            "among a stream's unanswered steps"
+                        )
+                    try:
+                        tokens, expected, options = servicer._step_args(request)
+                        size = engine.response_bytes(len(tokens), options)
+                        while self.inflight and (  # (checked before submitting: the totals are bounds)
+                            self.pending_tokens + len(tokens) > self.max_pending_tokens
+                            or self.pending_bytes + size > MAX_STREAM_PENDING_BYTES
+                            or servicer.pending_answer_bytes + size > MAX_PENDING_ANSWER_BYTES
+                        ):
+                            await self._room_for_more()
+                        future, item = engine.submit_step(
+                            self.owner, request.session_id, tokens, expected, options
+                        )
+                    except EngineError as e:
+                        self._failed(step_id, e)
+                        continue
+                    self.inflight[step_id] = (future, item, size, len(tokens))
+                    self.pending_bytes += size
+                    servicer.pending_answer_bytes += size
+                    self.pending_tokens += len(tokens)
+                    future.add_done_callback(functools.partial(self._done, step_id))
+        except Exception as e:  # a malformed message, or reading the stream failed: end it with that status
+            self.error = e
+        finally:
+            self.reading = False
+            self._wake()
+
+    async def _room_for_more(self) -> None:
+        """Wait until an answer is ready or written out."""
+        self.room = asyncio.get_running_loop().create_future()
+        try:
+            await self.room
+        finally:
+            self.room = None
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read())
+        loop = asyncio.get_running_loop()
+        servicer = self.servicer
+        try:
+            while True:
+                if not self.ready:
+                    if not self.reading and (self.error is not None or not self.inflight):
+                        break
+                    self.waiter = loop.create_future()
+                    try:
+                        await self.waiter
+                    finally:
+                        self.waiter = None
+                    continue
+                batch, size = b"".join(self.ready), self.ready_bytes
+                self.ready.clear()
+                self.ready_bytes = 0
+                await self.context.write(batch)
+                self.pending_bytes -= size
+                servicer.pending_answer_bytes -= size
+                if self.room is not None and not self.room.done():
+                    self.room.set_result(None)
+            if self.error is not None:
+                raise self.error
+        finally:
+            reader.cancel()  # (it submits nothing more: cancelled at its next resumption)
+            servicer.pending_answer_bytes -= self.pending_bytes  # (those answers will not be sent)
+            self.pending_bytes = 0
+            scheduler = servicer.engine.scheduler
+            inflight, self.inflight = self.inflight, {}  # (so _done ignores what completes from here)
+            for future, item, _, _ in inflight.values():
                 if future.done() and not future.cancelled():
                     future.exception()  # retrieved: no "Future exception was never retrieved"
                 else:

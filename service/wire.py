@@ -111,7 +111,7 @@ _ONE_BYTE = 0x7F  # the largest value a one-byte varint holds
 MAX_TOP_K = (_ONE_BYTE - 6) // 5
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
     out = bytearray()
     while value > _ONE_BYTE:
         out.append((value & 0x7F) | 0x80)
@@ -141,8 +141,8 @@ def top_k_answer(result: StepResult) -> bytes | None:
     with_token, without_token = bytes((_OUTPUT, body + 2, _TOKEN)), bytes((_OUTPUT, body))  # (proto3 omits a 0)
     session_id = result.session_id.encode()
     parts = [
-        bytes((_SESSION_ID,)) + _varint(len(session_id)) + session_id if session_id else b"",
-        bytes((_POSITION,)) + _varint(result.position) if result.position else b"",
+        bytes((_SESSION_ID,)) + varint(len(session_id)) + session_id if session_id else b"",
+        bytes((_POSITION,)) + varint(result.position) if result.position else b"",
     ]
     append = parts.append
     for i, token in enumerate(tokens):

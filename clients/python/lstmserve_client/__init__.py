@@ -11,7 +11,7 @@ See docs/client.md for the whole API.
 """
 
 from ._version import __version__
-from .aio import AsyncClient, AsyncSession
+from .aio import AsyncClient, AsyncSession, StepMultiplexer
 from .client import Client, Session
 from .datatypes import (
     GeneratedToken,
@@ -60,6 +60,7 @@ __all__ = [
     "Session",
     "SessionInfo",
     "SessionNotFound",
+    "StepMultiplexer",
     "StepResult",
     "TlsConfig",
     "TokenOutput",

@@ -27,11 +27,20 @@ import grpc.aio
 from . import _common as c
 from .client import DEFAULT_TIMEOUT
 from .datatypes import GeneratedToken, ModelInfo, RetryPolicy, SessionInfo, StepResult, TlsConfig
-from .errors import Cancelled, LstmServeError, PositionConflict, SessionNotFound, from_rpc_error
+from .errors import (
+    POSITION_METADATA_KEY,
+    RETRY_AFTER_METADATA_KEY,
+    Cancelled,
+    LstmServeError,
+    PositionConflict,
+    SessionNotFound,
+    error_class,
+    from_rpc_error,
+)
 from .proto import lstm_service_pb2 as pb
 from .proto import lstm_service_pb2_grpc as pb_grpc
 
-__all__ = ["AsyncClient", "AsyncSession"]
+__all__ = ["AsyncClient", "AsyncSession", "StepMultiplexer"]
 
 _R = TypeVar("_R")
 
@@ -127,6 +136,13 @@ class AsyncClient:
         ``keep`` defaults to True as in :meth:`lstmserve_client.Client.attach`."""
         sid = c.check_session_id(session_id)
         return _SessionOpener(self._attach(sid, keep, timeout))
+
+    def multiplexer(self, *, timeout: float | None = None) -> StepMultiplexer:
+        """Steps of many sessions over one ``StreamStepBatches`` stream (a gateway's way to
+        serve many sessions): ``async with client.multiplexer() as mux:`` then, from any
+        number of tasks, ``await mux.step(session_id, input)``. ``timeout`` bounds the
+        whole stream (None: no deadline; the client's default is for single calls)."""
+        return StepMultiplexer(self, c.check_timeout(timeout))
 
     # ------------------------------------------------------------------ internals
 
@@ -595,6 +611,173 @@ class AsyncSession:
             accept_on_retry=lambda e: e.code == "NOT_FOUND",
         )
         self._deleted = True
+
+
+_CODE_NAMES = {status.value[0]: status.name for status in grpc.StatusCode}
+
+
+def _step_error(error: pb.StepError) -> LstmServeError:
+    """The exception Step would have raised for the same failure."""
+    code = _CODE_NAMES.get(error.code, "UNKNOWN")
+    metadata = {}
+    if error.HasField("position"):
+        metadata[POSITION_METADATA_KEY] = str(error.position)
+    if error.HasField("retry_after_ms"):
+        metadata[RETRY_AFTER_METADATA_KEY] = str(error.retry_after_ms)
+    return error_class(code)(error.message or code, code=code, metadata=metadata)
+
+
+class StepMultiplexer:
+    """Steps of many sessions over one ``StreamStepBatches`` stream.
+
+    Steps asked for while a message is being written go out together in the next one, and the
+    server answers the steps an engine step finished together, so many sessions stepping at
+    once cost a few messages per engine step instead of two per session (docs/client.md). Each
+    step succeeds or raises on its own, with the exception :meth:`AsyncSession.step` would
+    raise; a failed step does not end the stream. Steps of one session run in the order
+    :meth:`step` was called. If the stream itself breaks (the server goes away, the deadline
+    passes), every unanswered step raises that error, and so does every later one.
+
+    Unlike :class:`AsyncSession`, the multiplexer tracks no positions: pass
+    ``expected_position`` where you want the server to check one.
+    """
+
+    def __init__(self, client: AsyncClient, timeout: float | None) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._call: Any = None
+        self._vocab: list[str] = []
+        self._ids = 0  # the last step id used
+        self._pending: dict[int, asyncio.Future[StepResult]] = {}  # id -> its caller's future, unanswered
+        self._outbox: list[pb.TaggedStep] = []  # steps not yet written
+        self._wake = asyncio.Event()  # set when the outbox has steps or the multiplexer closes
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failure: LstmServeError | None = None  # why the stream ended, once it has
+        self._closing = False
+
+    async def __aenter__(self) -> StepMultiplexer:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close(cancel=exc_type is not None)
+
+    async def open(self) -> None:
+        """Open the stream (``async with`` does)."""
+        client = self._client
+        if client._closed:
+            raise Cancelled("the client is closed")
+        if self._call is not None:
+            raise RuntimeError("the multiplexer is already open")
+        self._vocab = await client._vocab(None)
+        self._call = client._stub.StreamStepBatches(timeout=self._timeout, metadata=client._metadata)
+        self._tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
+
+    @property
+    def pending(self) -> int:
+        """Steps asked for and not yet answered."""
+        return len(self._pending)
+
+    async def step(
+        self,
+        session_id: str,
+        input: c.StepInput,
+        *,
+        top_k: int | None = None,
+        return_logprobs: bool = False,
+        return_hidden: bool = False,
+        expected_position: int | None = None,
+    ) -> StepResult:
+        """Feed ``input`` (text or token ids) to the session; its result, as
+        :meth:`AsyncSession.step` returns it."""
+        if self._failure is not None:
+            raise self._failure
+        if self._call is None or self._closing:
+            raise Cancelled("the multiplexer is not open")
+        req, _ = c.step_request(
+            session_id,
+            input,
+            expected_position=0,
+            top_k=c.check_step_top_k(top_k),
+            return_logprobs=return_logprobs,
+            return_hidden=return_hidden,
+        )
+        if expected_position is None:
+            req.ClearField("expected_position")
+        else:
+            req.expected_position = expected_position
+        self._ids += 1
+        step_id = self._ids
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self._pending[step_id] = future
+        self._outbox.append(pb.TaggedStep(id=step_id, request=req))
+        self._wake.set()
+        return await future
+
+    async def close(self, *, cancel: bool = False) -> None:
+        """End the stream: wait for the unanswered steps' results (or, with ``cancel``,
+        cancel them). Idempotent."""
+        if self._call is None or self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        if cancel:
+            self._call.cancel()
+        try:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            self._call.cancel()
+            self._end(Cancelled("the multiplexer was closed"))
+
+    async def _write(self) -> None:
+        call = self._call
+        try:
+            while self._failure is None:
+                if not self._outbox:
+                    if self._closing:
+                        await call.done_writing()
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                steps, self._outbox = self._outbox, []
+                await call.write(pb.StreamStepBatchesRequest(steps=steps))
+        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            pass  # the stream ended: the reader has (or will have) its status
+
+    async def _read(self) -> None:
+        call, vocab, pending = self._call, self._vocab, self._pending
+        failure: LstmServeError
+        try:
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    break
+                for result in message.results:
+                    future = pending.pop(result.id, None)
+                    if future is None or future.done():  # (its caller was cancelled)
+                        continue
+                    if result.HasField("response"):
+                        future.set_result(c.step_result(result.response, vocab))
+                    else:
+                        future.set_exception(_step_error(result.error))
+            failure = Cancelled("the multiplexer was closed")
+        except grpc.RpcError as e:
+            failure = from_rpc_error(e)
+        except asyncio.CancelledError:
+            failure = Cancelled("the multiplexer was closed")
+        self._end(failure)
+
+    def _end(self, failure: LstmServeError) -> None:
+        if self._failure is None:
+            self._failure = failure
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(self._failure)
+        self._wake.set()
 
 
 def _closed_under(client: AsyncClient) -> bool:

@@ -202,6 +202,48 @@ class StepResponse(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[TokenOutput]
     def __init__(self, session_id: _Optional[str] = ..., position: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[TokenOutput, _Mapping]]] = ...) -> None: ...
 
+class StreamStepBatchesRequest(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[TaggedStep]
+    def __init__(self, steps: _Optional[_Iterable[_Union[TaggedStep, _Mapping]]] = ...) -> None: ...
+
+class TaggedStep(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    request: StepRequest
+    def __init__(self, id: _Optional[int] = ..., request: _Optional[_Union[StepRequest, _Mapping]] = ...) -> None: ...
+
+class StreamStepBatchesResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[TaggedStepResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[TaggedStepResult, _Mapping]]] = ...) -> None: ...
+
+class TaggedStepResult(_message.Message):
+    __slots__ = ("id", "response", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    response: StepResponse
+    error: StepError
+    def __init__(self, id: _Optional[int] = ..., response: _Optional[_Union[StepResponse, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
+
+class StepError(_message.Message):
+    __slots__ = ("code", "message", "position", "retry_after_ms")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    position: int
+    retry_after_ms: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., position: _Optional[int] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "prompt_text", "prompt_tokens", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "expected_position")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -79,6 +79,11 @@ class LstmServiceStub:
                 request_serializer=lstmserve_dot_v1_dot_lstm__service__pb2.StepRequest.SerializeToString,
                 response_deserializer=lstmserve_dot_v1_dot_lstm__service__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StreamStepBatches = channel.stream_stream(
+                '/lstmserve.v1.LstmService/StreamStepBatches',
+                request_serializer=lstmserve_dot_v1_dot_lstm__service__pb2.StreamStepBatchesRequest.SerializeToString,
+                response_deserializer=lstmserve_dot_v1_dot_lstm__service__pb2.StreamStepBatchesResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/lstmserve.v1.LstmService/Generate',
                 request_serializer=lstmserve_dot_v1_dot_lstm__service__pb2.GenerateRequest.SerializeToString,
@@ -154,6 +159,18 @@ class LstmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamStepBatches(self, request_iterator, context):
+        """Many sessions' steps per message, for a client that multiplexes many sessions
+        over one connection (a gateway): each message carries any number of steps,
+        each tagged with an id the client chooses, and each step gets its own result,
+        a response or an error, that does not end the stream. Answers are written as
+        the engine finishes them, several per message, not in request order; the
+        steps of one session run in the order they were sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Generate(self, request, context):
         """Samples a continuation: one response per generated token. Generated tokens
         advance the session.
@@ -204,6 +221,11 @@ def add_LstmServiceServicer_to_server(servicer, server):
                     servicer.StreamSteps,
                     request_deserializer=lstmserve_dot_v1_dot_lstm__service__pb2.StepRequest.FromString,
                     response_serializer=lstmserve_dot_v1_dot_lstm__service__pb2.StepResponse.SerializeToString,
+            ),
+            'StreamStepBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamStepBatches,
+                    request_deserializer=lstmserve_dot_v1_dot_lstm__service__pb2.StreamStepBatchesRequest.FromString,
+                    response_serializer=lstmserve_dot_v1_dot_lstm__service__pb2.StreamStepBatchesResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -432,6 +454,33 @@ class LstmService:
             '/lstmserve.v1.LstmService/StreamSteps',
             lstmserve_dot_v1_dot_lstm__service__pb2.StepRequest.SerializeToString,
             lstmserve_dot_v1_dot_lstm__service__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamStepBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lstmserve.v1.LstmService/StreamStepBatches',
+            lstmserve_dot_v1_dot_lstm__service__pb2.StreamStepBatchesRequest.SerializeToString,
+            lstmserve_dot_v1_dot_lstm__service__pb2.StreamStepBatchesResponse.FromString,
             options,
             channel_credentials,
             insecure,
