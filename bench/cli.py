@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra (served, offline) pairs at the target cells (256x1, 64x16, the 64x1 tail); their "
                         "checks take the median of the pairs (default 4, --quick 0)")
     p.add_argument("--no-unbatched", action="store_true", help="skip the --max-batch-sessions 1 server")
+    p.add_argument("--no-batched", action="store_true",
+                   help="skip the target cells over StreamStepBatches (the load generator's batched transport)")
     p.add_argument("--server-args", default="", help="extra lstm-serve flags for every spawned server ('--threads 1')")
     p.add_argument("--server-cpus", default=None, help="taskset -c CPUS for the server and offline runs (e.g. 0)")
     p.add_argument("--client-cpus", default=None, help="CPUs of the load generator (e.g. 1)")
@@ -302,8 +304,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             overrides[key] = value
-    overrides.update(unbatched=not args.no_unbatched, server_args=shlex.split(args.server_args),
-                     server_cpus=args.server_cpus, client_cpus=args.client_cpus)
+    overrides.update(unbatched=not args.no_unbatched, batched=not args.no_batched,
+                     server_args=shlex.split(args.server_args), server_cpus=args.server_cpus,
+                     client_cpus=args.client_cpus)
     cfg = SweepConfig.quick_config(**overrides) if args.quick else SweepConfig(**overrides)
     run_sweep(cfg)
     return 0

@@ -9,7 +9,7 @@ import os
 import platform
 import re
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,9 @@ def target_pair(served: dict[str, Any], offline: dict[str, Any] | None) -> dict[
         "server_step_p50_ms": ((served.get("server_window") or {}).get("step_ms") or {}).get("p50"),
         "offline_step_p50_ms": ((offline or {}).get("step_ms") or {}).get("p50"),
         "errors": served.get("error_count", 0),
+        "transport": served.get("transport", "streams"),
+        "batch_sessions_mean": (served.get("server_window") or {}).get("batch_sessions_mean"),
+        "client_cpu_pct": served.get("client_cpu_pct"),
     }
 
 
@@ -215,19 +218,11 @@ def target_ratios(m: dict[str, Any], sessions: int, chunk: int) -> list[float]:
 
 
 def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
-    """The pass/fail statements for one model of a sweep (the issue's targets)."""
+    """The pass/fail statements for one model of a sweep (the issue's targets), with one StreamSteps
+    stream per session."""
     checks: list[dict[str, Any]] = []
     served, unbatched = m.get("served", []), m.get("unbatched", [])
-    for n, chunk, target in RATIO_TARGETS:
-        ratios = target_ratios(m, n, chunk)
-        if not ratios and target_pairs(m, n, chunk):  # measured, but no offline reading to divide by
-            checks.append(_check(f"served/offline at {n} sessions, chunk {chunk}", 0.0, target, "x",
-                                 "no offline reading"))
-        if ratios:
-            detail = (f"median of {len(ratios)} pairs: {', '.join(f'{r:.2f}×' for r in ratios)}"
-                      if len(ratios) > 1 else "")
-            checks.append(_check(f"served/offline at {n} sessions, chunk {chunk}", statistics.median(ratios), target,
-                                 "x", detail))
+    checks += _ratio_checks(lambda n, chunk: target_pairs(m, n, chunk), "")
     c256 = _find(served, 256, 1)
     ratio = _ratio((c256 or {}).get("tokens_per_s"), (_find(unbatched, 256, 1) or {}).get("tokens_per_s"))
     if ratio is not None:
@@ -238,7 +233,52 @@ def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
         if o.get("sessions") == 256:
             checks.append(_check(f"p99 at 256 sessions, open loop at {fmt(o.get('rate_target'), 0)} req/s",
                                  _p99(o), P99_TARGET_MS, "ms"))
-    tail_runs = target_pairs(m, *TAIL_CELL)
+    return checks + _tail_checks(target_pairs(m, *TAIL_CELL), "")
+
+
+BATCHED = "StreamStepBatches: "  # how the checks of the batched transport are named
+
+
+def batched_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The same targets with the load generator's sessions sharing one StreamStepBatches stream
+    (the sweep's "batched" pairs): the first pair stands for the first pass, as in model_checks."""
+    pairs = m.get("batched", [])
+    if not pairs:
+        return []
+
+    def of(n: int, chunk: int) -> list[dict[str, Any]]:
+        return [p for p in pairs if p["sessions"] == n and p["chunk"] == chunk]
+
+    checks = _ratio_checks(of, BATCHED)
+    first256 = next(iter(of(256, 1)), None)
+    if first256:
+        unbatched = (_find(m.get("unbatched", []), 256, 1) or {}).get("tokens_per_s")
+        ratio = _ratio(first256["served_tokens_per_s"], unbatched)
+        if ratio is not None:
+            checks.append(_check(f"{BATCHED}served/unbatched at 256 sessions, chunk 1", ratio, UNBATCHED_TARGET, "x"))
+        checks.append(_check(f"{BATCHED}p99 at 256 sessions (token by token, closed loop)", _p99_of(first256),
+                             P99_TARGET_MS, "ms"))
+    return checks + _tail_checks(of(*TAIL_CELL), BATCHED)
+
+
+def _ratio_checks(pairs_of: Callable[[int, int], list[dict[str, Any]]], prefix: str) -> list[dict[str, Any]]:
+    checks = []
+    for n, chunk, target in RATIO_TARGETS:
+        pairs = pairs_of(n, chunk)
+        ratios = [r for r in (_ratio(p["served_tokens_per_s"], p["offline_tokens_per_s"]) for p in pairs)
+                  if r is not None]
+        name = f"{prefix}served/offline at {n} sessions, chunk {chunk}"
+        if not ratios and pairs:  # measured, but no offline reading to divide by
+            checks.append(_check(name, 0.0, target, "x", "no offline reading"))
+        if ratios:
+            detail = (f"median of {len(ratios)} pairs: {', '.join(f'{r:.2f}×' for r in ratios)}"
+                      if len(ratios) > 1 else "")
+            checks.append(_check(name, statistics.median(ratios), target, "x", detail))
+    return checks
+
+
+def _tail_checks(tail_runs: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    checks = []
     for key, source in (("server_step_p50_ms", "server /metrics lstm_step_duration_seconds (bucket-interpolated)"),
                         ("offline_step_p50_ms", f"offline runner.execute at batch {TAIL_CELL[0]}")):
         # Each run's p99 against its own step times (the VM's speed moves between runs, and within
@@ -251,8 +291,8 @@ def model_checks(m: dict[str, Any]) -> list[dict[str, Any]]:
         p99, limit = by_ratio[(len(by_ratio) - 1) // 2]  # the lower median of an even count
         detail = (f"median of {len(runs)} runs by p99 / limit: "
                   + ", ".join(f"{fmt(v, 1)} / {fmt(lim, 1)}" for v, lim in runs)) if len(runs) > 1 else ""
-        checks.append(_check(f"p99 at {TAIL_CELL[0]} sessions (token by token) vs {STEP_MULTIPLE:g}x median step "
-                             f"({source}: {fmt(limit / STEP_MULTIPLE, 2)} ms)", p99, limit, "ms", detail))
+        checks.append(_check(f"{prefix}p99 at {TAIL_CELL[0]} sessions (token by token) vs {STEP_MULTIPLE:g}x median "
+                             f"step ({source}: {fmt(limit / STEP_MULTIPLE, 2)} ms)", p99, limit, "ms", detail))
     return checks
 
 
@@ -383,6 +423,25 @@ def render_model_section(m: dict[str, Any], img_prefix: str) -> str:
     if checks:
         out += ["### Checks", ""]
         out += [render_check(c) for c in checks]
+        out.append("")
+    batched = m.get("batched", [])
+    if batched:
+        rows = [[p["sessions"], p["chunk"], p["served_tokens_per_s"], p["offline_tokens_per_s"],
+                 ratio_text(_ratio(p["served_tokens_per_s"], p["offline_tokens_per_s"])), p.get("p99_ms"),
+                 p.get("server_step_p50_ms"), p.get("offline_step_p50_ms"), p.get("batch_sessions_mean"),
+                 p.get("client_cpu_pct"), p.get("errors")]
+                for n, chunk in repeated_cells() for p in batched if (p["sessions"], p["chunk"]) == (n, chunk)]
+        out += ["### Batched transport: the target cells over StreamStepBatches", "",
+                "The same server and closed loop, but the load generator's sessions share one "
+                "`StreamStepBatches` stream through the client library's `StepMultiplexer` (what a gateway "
+                "serving many users' sessions would do): steps asked for while a message is being written go "
+                "out together, and the answers of one engine step to the stream go back as one message. Each "
+                "served cell is followed by its offline cell, as above.", "",
+                table(["N", "chunk", "served tokens/s", "offline tokens/s", "served/offline", "p99 ms",
+                       "server step p50 ms", "offline step p50 ms", "mean batch (served)", "client CPU %",
+                       "errors"], rows), "",
+                "### Checks, batched transport", ""]
+        out += [render_check(c) for c in batched_checks(m)]
         out.append("")
     return "\n".join(out)
 

@@ -57,6 +57,10 @@ class SweepConfig:
     # drifts by tens of percent over minutes, and within seconds (a slower phase of a few seconds is a
     # run's p99), so the targets read the median of all the pairs (five by default), not one.
     target_repeats: int = 4
+    # The target cells again, each pair (1 + target_repeats of them) with the load generator's sessions
+    # sharing one StreamStepBatches stream (loadgen transport "batched", the client's StepMultiplexer)
+    # instead of a StreamSteps stream each: what a gateway multiplexing its users' sessions gets.
+    batched: bool = True
     server_cpus: str | None = None  # taskset -c for the server and the offline runs
     client_cpus: str | None = None  # CPU affinity of this process (the load generator)
     server_args: list[str] = field(default_factory=list)  # extra lstm-serve flags
@@ -142,11 +146,12 @@ class Sweep:
         result["server_cpu_pct"] = 100.0 * (cpu1 - cpu0) / max(t1 - t0, 1e-9)
         return result
 
-    def closed_cell(self, server: SpawnedServer, label: str, sessions: int, chunk: int) -> dict[str, Any]:
+    def closed_cell(self, server: SpawnedServer, label: str, sessions: int, chunk: int,
+                    transport: str = "streams") -> dict[str, Any]:
         cfg = self.cfg
         spec = LoadSpec(target=server.target, mode="closed", sessions=sessions, chunk=chunk, duration=cfg.duration,
                         warmup=cfg.warmup, max_requests=cfg.max_requests, label=label,
-                        drain_timeout=max(30.0, cfg.duration * 3))
+                        drain_timeout=max(30.0, cfg.duration * 3), transport=transport)
         r = self.load_cell(server, spec)
         log(f"{label} N={sessions} chunk={chunk}: {_short(r)}")
         return r
@@ -209,7 +214,7 @@ class Sweep:
     def run_model(self, name: str) -> dict[str, Any]:
         cfg = self.cfg
         entry: dict[str, Any] = {"name": name, "served": [], "unbatched": [], "offline": [], "engine": [],
-                                 "repeats": [], "open": [], "generate": [], "plots": {}}
+                                 "repeats": [], "batched": [], "open": [], "generate": [], "plots": {}}
         self.models.append(entry)  # filled in as cells finish (a sweep that fails keeps them: run_sweep)
         try:
             checkpoint = resolve_model(name, Path(cfg.cache))
@@ -240,6 +245,11 @@ class Sweep:
                     served = self.closed_cell(server, f"{name}/served (pair {repeat + 2})", n, chunk)
                     offline = self.offline_for(name, checkpoint, served.get("server"), n, chunk)
                     entry["repeats"].append(report.target_pair(served, offline))
+            for repeat in range(1 + cfg.target_repeats if cfg.batched else 0):
+                for n, chunk in targets:
+                    served = self.closed_cell(server, f"{name}/batched (pair {repeat + 1})", n, chunk, "batched")
+                    offline = self.offline_for(name, checkpoint, served.get("server"), n, chunk)
+                    entry["batched"].append(report.target_pair(served, offline))
             entry["server_info"] = entry["served"][0]["server"] if entry["served"] else None
             base = next((c for c in entry["served"] if c["sessions"] == cfg.open_sessions and c["chunk"] == 1), None)
             if base is None and entry["served"]:

@@ -18,6 +18,7 @@ from bench.cli import main as bench_main
 from bench.loadgen import BenchError, LoadSpec, check_loopback, result_fields, run_load
 from bench.offline import OfflineSpec, offline_fields, run_offline
 from bench.report import (
+    batched_checks,
     model_checks,
     plot_latency_cdf,
     plot_throughput,
@@ -56,12 +57,13 @@ def check_consistent(r: dict[str, Any], tokens_per_request: int, exact_rates: bo
     assert max(b["max"] for b in timeline) == pytest.approx(lat["max"])
 
 
+@pytest.mark.parametrize("transport", ["streams", "batched"])
 @pytest.mark.parametrize("chunk", [1, 4])
-async def test_closed_loop(bench_server: RunningServer, chunk: int) -> None:
+async def test_closed_loop(bench_server: RunningServer, chunk: int, transport: str) -> None:
     r = await run_load(LoadSpec(target=bench_server.target, mode="closed", sessions=4, chunk=chunk, duration=1.0,
-                                warmup=0.2))
+                                warmup=0.2, transport=transport))
     check_consistent(r, chunk)
-    assert r["mode"] == "closed" and r["sessions"] == 4 and r["chunk"] == chunk
+    assert r["mode"] == "closed" and r["sessions"] == 4 and r["chunk"] == chunk and r["transport"] == transport
     assert r["ttft_ms"] is None and r["itl_ms"] is None
     assert r["warmup_requests"] > 0  # the warm-up ran and was left out
     assert bench_server.engine.session_count == 0  # sessions are deleted afterwards
@@ -73,6 +75,13 @@ async def test_request_bound_ends_the_run(bench_server: RunningServer) -> None:
     check_consistent(r, 2)
     assert r["requests"] == 25
     assert r["wall_s"] < 15
+
+
+async def test_the_batched_transport_runs_the_closed_loop_only(bench_server: RunningServer) -> None:
+    with pytest.raises(BenchError, match="closed loop only"):
+        await run_load(LoadSpec(target=bench_server.target, mode="open", rate=10.0, transport="batched"))
+    with pytest.raises(BenchError, match="transport must be one of"):
+        await run_load(LoadSpec(target=bench_server.target, transport="carrier pigeon"))
 
 
 async def test_open_loop(bench_server: RunningServer) -> None:
@@ -116,7 +125,8 @@ def test_throughput_is_what_completed_in_the_window_it_is_divided_by() -> None:
     assert r["latency_ms"]["max"] == pytest.approx(1300.0)
 
 
-async def test_a_server_that_stops_answering_ends_the_run_on_time_with_errors(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["streams", "batched"])
+async def test_a_server_that_stops_answering_ends_the_run_on_time_with_errors(tmp_path: Path, transport: str) -> None:
     import os
     import signal
     import time
@@ -133,7 +143,7 @@ async def test_a_server_that_stops_answering_ends_the_run_on_time_with_errors(tm
         freezer = asyncio.create_task(freeze_later())
         started = time.monotonic()
         r = await run_load(LoadSpec(target=server.target, sessions=4, chunk=1, duration=1.5, warmup=0.2,
-                                    drain_timeout=1.0))
+                                    drain_timeout=1.0, transport=transport))
         await freezer
         assert time.monotonic() - started < 7  # bounded: deadline + a drain timeout + the deletes' (1 s each)
         assert r["errors"].get("DRAIN_TIMEOUT", 0) >= 1
@@ -297,9 +307,32 @@ def test_sweep_document_and_plots(tmp_path: Path) -> None:
     # Against the offline step (10 ms in the repeats): 53, 0.67, 1.67, 1.33, 0.8: the median run fails.
     assert (offline_tail["value"], offline_tail["limit"], offline_tail["pass"]) == (40.0, 30.0, False)
     md = render_sweep(sweep | {"models": [model]})
+    assert "Checks, batched transport" not in md  # no batched pairs, no section
     assert "**PASS** p99 at 64 sessions (token by token) vs 3x median step (server /metrics" in md
     assert "50.0 ms (limit 60.0 ms; median of 5 runs by p99 / limit:" in md
     assert "| 64 | 1 | 5 | 1.0 | 1.0 | 1.00× | 24.0 | 10.0 | 10.0 |" in md
+
+    # The batched transport's pairs get the same checks, against the same unbatched cell.
+    model["batched"] = [
+        {"sessions": n, "chunk": c, "served_tokens_per_s": served, "offline_tokens_per_s": 100.0, "p99_ms": p99,
+         "server_step_p50_ms": 10.0, "offline_step_p50_ms": 10.0, "errors": 0, "transport": "batched"}
+        for n, c, served, p99 in ((256, 1, 60.0, 40.0), (64, 16, 90.0, 50.0), (64, 1, 50.0, 25.0),
+                                  (256, 1, 20.0, 200.0), (64, 16, 70.0, 60.0), (64, 1, 50.0, 35.0))
+    ]
+    by_name = {c["name"]: c for c in batched_checks(model)}
+    b256 = by_name["StreamStepBatches: served/offline at 256 sessions, chunk 1"]
+    assert (b256["value"], b256["pass"]) == (pytest.approx(0.4), True)
+    assert b256["detail"] == "median of 2 pairs: 0.60×, 0.20×"
+    assert by_name["StreamStepBatches: served/offline at 64 sessions, chunk 16"]["value"] == pytest.approx(0.8)
+    # Against the unbatched cell of the first pass (256 x 1: 0.2 x 100 x 256 tokens/s), from the first pair.
+    assert by_name["StreamStepBatches: served/unbatched at 256 sessions, chunk 1"]["value"] == pytest.approx(60 / 5120)
+    assert by_name["StreamStepBatches: p99 at 256 sessions (token by token, closed loop)"]["value"] == 40.0
+    tails = [c for n, c in by_name.items() if n.startswith("StreamStepBatches: p99 at 64 sessions")]
+    assert [(t["value"], t["limit"], t["pass"]) for t in tails] == [(25.0, 30.0, True)] * 2  # lower median of 2
+    md = render_sweep(sweep | {"models": [model]})
+    assert "### Batched transport: the target cells over StreamStepBatches" in md
+    assert "| 256 | 1 | 20.0 | 100.0 | 0.20× | 200.0 | 10.0 | 10.0 |" in md
+    assert "**PASS** StreamStepBatches: served/offline at 64 sessions, chunk 16: 0.80×" in md
 
 
 def test_spawned_server_gets_a_private_state_store(tmp_path: Path) -> None:
@@ -337,12 +370,20 @@ def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_serve
     assert all(c["tokens_per_s"] > 0 for c in model["served"] + model["offline"])
     # Interleaved: served N=1, offline N=1, served N=4, offline N=4, and at the RPC-floor cell the engine.
     order = [line.split("] ", 1)[1].split(":")[0] for line in capsys.readouterr().err.splitlines()
-             if "/served" in line or "/offline N=" in line or "/engine N=" in line]
+             if "/served" in line or "/offline N=" in line or "/engine N=" in line or "/batched" in line]
     assert [o.rsplit("/", 1)[1] for o in order] == [
         "served N=1 chunk=2", "offline N=1 chunk=2 batch=1", "served N=4 chunk=2", "offline N=4 chunk=2 batch=4",
         "engine N=4 chunk=2", "served (pair 2) N=4 chunk=2", "offline N=4 chunk=2 batch=4",
         "served (pair 2) N=1 chunk=2", "offline N=1 chunk=2 batch=1",
+        # The target cells over StreamStepBatches: as many pairs as over StreamSteps.
+        "batched (pair 1) N=4 chunk=2", "offline N=4 chunk=2 batch=4",
+        "batched (pair 1) N=1 chunk=2", "offline N=1 chunk=2 batch=1",
+        "batched (pair 2) N=4 chunk=2", "offline N=4 chunk=2 batch=4",
+        "batched (pair 2) N=1 chunk=2", "offline N=1 chunk=2 batch=1",
     ]
+    assert [(p["sessions"], p["transport"], p["errors"]) for p in model["batched"]] == [
+        (4, "batched", 0), (1, "batched", 0), (4, "batched", 0), (1, "batched", 0)]
+    assert all(p["served_tokens_per_s"] > 0 and p["offline_tokens_per_s"] > 0 for p in model["batched"])
     pair, tail_pair = model["repeats"]  # the target cells once more, after the first pass
     assert (pair["sessions"], pair["chunk"], pair["errors"]) == (4, 2, 0)
     assert pair["served_tokens_per_s"] > 0 and pair["offline_tokens_per_s"] > 0
@@ -354,7 +395,9 @@ def test_a_real_sweep_writes_the_document_with_each_offline_cell_after_its_serve
     md = (tmp_path / "bench.md").read_text()
     assert "runs right after the served cell" in md
     assert "### The target cells, pair by pair" in md and "median of 2 pairs" in md
-    assert md.count("median of 2 runs by p99 / limit") == 2  # the tail against the server's and the offline step
+    # The tail against the server's and the offline step, over StreamSteps and over StreamStepBatches.
+    assert md.count("median of 2 runs by p99 / limit") == 4
+    assert "### Checks, batched transport" in md and "StreamStepBatches: served/offline at 4 sessions, chunk 2" in md
     # The RPC floor ran against the echo server, and the ceiling row divides it with the model's own cells.
     (floor,) = sweep["rpc_floor"]
     assert (floor["sessions"], floor["chunk"], floor["error_count"]) == (4, 2, 0) and floor["tokens_per_s"] > 0
