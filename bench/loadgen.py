@@ -5,8 +5,8 @@ overhead stays small. Modes:
 
 closed    each session keeps one StreamSteps stream and sends its next chunk when the
           previous answer arrives (concurrency = N requests in flight). With the batched
-          transport the sessions share one StreamStepBatches stream per channel through
-          the client library's StepMultiplexer instead (what a gateway would do).
+          transport the sessions share one StreamStepBatches stream per channel instead
+          (what a gateway would do); "multiplexer" does that through the client library.
 open      requests arrive as a Poisson process at `rate` per second in aggregate, spread
           round-robin over the N sessions and written to each session's stream at their
           scheduled time whether or not earlier answers have come back; latency is
@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import ipaddress
+import itertools
 import math
 import random
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,9 @@ from service import eventloop
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"
 MODES = ("closed", "open", "generate")
-TRANSPORTS = ("streams", "batched")
+# streams: a StreamSteps stream per session; batched: the sessions share one StreamStepBatches stream
+# per channel (the generated stubs); multiplexer: the same through the client library's StepMultiplexer.
+TRANSPORTS = ("streams", "batched", "multiplexer")
 TOKEN_SOURCES = ("random", "corpus")
 now = time.perf_counter
 
@@ -117,7 +122,7 @@ class LoadSpec:
     generate_tokens: int = 32  # generate: max_tokens of each Generate
     top_k: int = 5  # top_k asked for in each StepRequest
     channels: int = 1  # gRPC channels (connections) the sessions are spread over
-    transport: str = "streams"  # closed loop: a StreamSteps per session, or "batched" (StreamStepBatches)
+    transport: str = "streams"  # closed loop: a StreamSteps per session, or StreamStepBatches (TRANSPORTS)
     seed: int = 0
     drain_timeout: float = 30.0  # after the end, wait this long for answers still due
     label: str = ""  # free text carried into the result
@@ -135,8 +140,8 @@ class LoadSpec:
             raise BenchError("duration and drain timeout must be > 0, warmup and max_requests >= 0")
         if self.transport not in TRANSPORTS:
             raise BenchError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
-        if self.transport == "batched" and self.mode != "closed":
-            raise BenchError("the batched transport runs the closed loop only (--mode closed)")
+        if self.transport != "streams" and self.mode != "closed":
+            raise BenchError(f"the {self.transport} transport runs the closed loop only (--mode closed)")
         if self.mode == "open" and self.rate <= 0:
             raise BenchError("open loop needs --rate > 0 (aggregate requests per second)")
         if self.mode == "generate" and self.generate_tokens < 1:
@@ -284,8 +289,93 @@ async def _closed_session(
                 call.cancel()
 
 
+class StepFailed(Exception):
+    """A step answered with an error (the batched transports): its status code's name."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+StepFn = Callable[[str, list[int]], Awaitable[int]]  # (session id, tokens) -> the answer's outputs
+
+
+class _RawMultiplexer:
+    """One StreamStepBatches call on the generated stubs, as the streams transport uses them: steps
+    asked for while a message is being written go out together, answers are matched by id. The
+    client library's StepMultiplexer does the same and also turns every answer into its data
+    classes (the "multiplexer" transport measures that)."""
+
+    def __init__(self, stub: pb_grpc.LstmServiceStub) -> None:
+        self.call: Any = stub.StreamStepBatches()
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future[int]] = {}  # step id -> its caller's future
+        self.outbox: list[pb.TaggedStep] = []  # steps not yet written
+        self.wake = asyncio.Event()
+        self.failure: str | None = None  # the stream's status code once it has failed
+        self.tasks = [asyncio.create_task(self._write()), asyncio.create_task(self._read())]
+
+    async def step(self, sid: str, tokens: list[int], top_k: int) -> int:
+        if self.failure is not None:
+            raise StepFailed(self.failure)
+        step_id = next(self.ids)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.pending[step_id] = future
+        self.outbox.append(pb.TaggedStep(id=step_id, request=pb.StepRequest(session_id=sid, tokens=tokens,
+                                                                             top_k=top_k)))
+        self.wake.set()
+        return await future
+
+    async def _write(self) -> None:
+        try:
+            while self.failure is None:
+                if not self.outbox:
+                    self.wake.clear()
+                    await self.wake.wait()
+                    continue
+                steps, self.outbox = self.outbox, []
+                await self.call.write(pb.StreamStepBatchesRequest(steps=steps))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the reader has the status
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                message = await self.call.read()
+                if message is grpc.aio.EOF:
+                    self._fail("EOF")
+                    return
+                for result in message.results:
+                    future = self.pending.pop(result.id, None)
+                    if future is None or future.done():
+                        continue
+                    if result.HasField("response"):
+                        future.set_result(len(result.response.outputs))
+                    else:
+                        future.set_exception(StepFailed(_CODE_NAMES.get(result.error.code, "UNKNOWN")))
+        except grpc.aio.AioRpcError as e:
+            self._fail(_code(e))
+
+    def _fail(self, code: str) -> None:
+        self.failure = code
+        pending, self.pending = self.pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(StepFailed(code))
+        self.wake.set()
+
+    async def close(self) -> None:
+        self.call.cancel()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+_CODE_NAMES = {status.value[0]: status.name for status in grpc.StatusCode}
+
+
 async def _closed_batched_session(
-    mux: StepMultiplexer, sid: str, src: TokenSource, spec: LoadSpec, rec: Recorder, deadline: float
+    step: StepFn, sid: str, src: TokenSource, rec: Recorder, chunk: int, deadline: float
 ) -> None:
     while True:
         t0 = now()
@@ -295,27 +385,40 @@ async def _closed_batched_session(
         if measured and not rec.take():
             break
         try:
-            result = await mux.step(sid, src.next(spec.chunk), top_k=spec.top_k)
-        except LstmServeError as e:
-            rec.error(e.code, measured)
+            n_outputs = await step(sid, src.next(chunk))
+        except (StepFailed, LstmServeError) as e:
+            rec.error(str(e.code), measured)
             await asyncio.sleep(0.01)
             continue
         except asyncio.CancelledError:  # the run's time is up (see run_load): the server never answered
             rec.error("DRAIN_TIMEOUT", measured)
             raise
-        rec.ok(t0, now(), len(result.outputs), measured)
+        rec.ok(t0, now(), n_outputs, measured)
 
 
 async def _closed_batched(
     address: str, ids: list[str], sources: list[TokenSource], spec: LoadSpec, rec: Recorder, deadline: float
 ) -> None:
-    """The closed loop over one StreamStepBatches stream per channel (the client's multiplexer)."""
+    """The closed loop over one StreamStepBatches stream per channel: on the generated stubs
+    (transport "batched") or through the client library's StepMultiplexer ("multiplexer")."""
+    steps: list[StepFn] = []
     async with contextlib.AsyncExitStack() as stack:
-        muxes = []
         for _ in range(spec.channels):
-            client = await stack.enter_async_context(AsyncClient(address, options=channel_options(spec.channels)))
-            muxes.append(await stack.enter_async_context(client.multiplexer()))
-        await asyncio.gather(*(_closed_batched_session(muxes[i % len(muxes)], sid, src, spec, rec, deadline)
+            if spec.transport == "batched":
+                channel = grpc.aio.insecure_channel(address, options=channel_options(spec.channels))
+                stack.push_async_callback(channel.close)
+                raw = _RawMultiplexer(pb_grpc.LstmServiceStub(channel))
+                stack.push_async_callback(raw.close)
+                steps.append(functools.partial(raw.step, top_k=spec.top_k))
+            else:
+                client = await stack.enter_async_context(AsyncClient(address, options=channel_options(spec.channels)))
+                mux = await stack.enter_async_context(client.multiplexer())
+
+                async def step(sid: str, tokens: list[int], mux: StepMultiplexer = mux) -> int:
+                    return len((await mux.step(sid, tokens, top_k=spec.top_k)).outputs)
+
+                steps.append(step)
+        await asyncio.gather(*(_closed_batched_session(steps[i % len(steps)], sid, src, rec, spec.chunk, deadline)
                                for i, (sid, src) in enumerate(zip(ids, sources))))
 
 
@@ -576,7 +679,7 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
             # the sessions are cancelled and their unanswered requests count as errors.
             # (The open loop bounds its own reads in _OpenSession.finish.)
             time_up = deadline - now() + spec.drain_timeout
-            if spec.mode == "closed" and spec.transport == "batched":
+            if spec.mode == "closed" and spec.transport != "streams":
                 await _until(time_up, _closed_batched(address, ids, sources, spec, rec, deadline))
             elif spec.mode == "closed":
                 await _until(time_up, asyncio.gather(*(_closed_session(st, sid, src, spec, rec, deadline)

@@ -179,7 +179,7 @@ class Metrics:
         )
         self.stream_pending_answer_bytes = Gauge(
             "lstm_stream_pending_answer_bytes",
-            "Answers due on StreamSteps calls (requested, not yet sent), in bytes (about).",
+            "Answers due on StreamSteps and StreamStepBatches calls (requested, not yet sent), in bytes (about).",
             registry=r,
         )
         self.state_memory_bytes = Gauge(

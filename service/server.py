@@ -186,7 +186,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         # An unset top_k means 5, or the whole vocabulary if it is smaller.
         vocab = len(engine.tokenizer)
         self.default_options = DEFAULT_STEP_OPTIONS if vocab >= DEFAULT_STEP_OPTIONS.top_k else StepOptions(vocab)
-        self.pending_answer_bytes = 0  # about how large the answers due on all StreamSteps calls are
+        self.pending_answer_bytes = 0  # about how large the answers due on all streaming step calls are
         metrics.stream_pending_answer_bytes.set_function(lambda: self.pending_answer_bytes)
 
     # ---- helpers -------------------------------------------------------------------------

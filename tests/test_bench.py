@@ -57,7 +57,7 @@ def check_consistent(r: dict[str, Any], tokens_per_request: int, exact_rates: bo
     assert max(b["max"] for b in timeline) == pytest.approx(lat["max"])
 
 
-@pytest.mark.parametrize("transport", ["streams", "batched"])
+@pytest.mark.parametrize("transport", ["streams", "batched", "multiplexer"])
 @pytest.mark.parametrize("chunk", [1, 4])
 async def test_closed_loop(bench_server: RunningServer, chunk: int, transport: str) -> None:
     r = await run_load(LoadSpec(target=bench_server.target, mode="closed", sessions=4, chunk=chunk, duration=1.0,
@@ -125,7 +125,7 @@ def test_throughput_is_what_completed_in_the_window_it_is_divided_by() -> None:
     assert r["latency_ms"]["max"] == pytest.approx(1300.0)
 
 
-@pytest.mark.parametrize("transport", ["streams", "batched"])
+@pytest.mark.parametrize("transport", ["streams", "batched", "multiplexer"])
 async def test_a_server_that_stops_answering_ends_the_run_on_time_with_errors(tmp_path: Path, transport: str) -> None:
     import os
     import signal

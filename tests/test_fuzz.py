@@ -766,6 +766,59 @@ def test_fuzz_stream_steps(world: World, specs: list[dict[str, Any]]) -> None:
             world.refresh(sid)
 
 
+# ---- StreamStepBatches ----------------------------------------------------------------------------------
+
+CODE_OF = {status.value[0]: status for status in grpc.StatusCode}
+
+
+@settings(max_examples=examples(200), **SETTINGS)
+@given(specs=st.lists(stream_step_specs, min_size=1, max_size=6))
+def test_fuzz_stream_step_batches(world: World, specs: list[dict[str, Any]]) -> None:
+    """All the steps in one message, each with its own result: its code what Step would give, whatever
+    fails around it, and the steps of a session applied in order (a failed one changes nothing)."""
+    world.trim()
+    steps, plans = [], []
+    saved = {sid: SessionModel(m.position, m.last_step) for sid, m in world.sessions.items()}
+    for step_id, spec in enumerate(specs, 1):
+        if spec["target"][0] == "witness":
+            spec = {**spec, "target": ("pool", spec["target"][1], "")}
+        request, tokens, why = step_request(world, spec)
+        allowed, replay = expect_step(world, request, tokens, why)
+        if len(allowed) > 1 or allowed == {EXHAUSTED}:  # not sent: its outcome, or the message's, unknown
+            continue
+        steps.append(pb.TaggedStep(id=step_id, request=request))
+        plans.append((step_id, request, tokens, replay, allowed))
+        if allowed == {OK} and not replay:  # advance the model as if it ran (later steps depend on it)
+            model = world.sessions[request.session_id]
+            model.last_step = (model.position, tuple(tokens or ()))
+            model.position += len(tokens or ())
+    for sid, m in saved.items():  # back to the state before the stream; the results move it again
+        world.sessions[sid] = m
+    if not steps:
+        return
+    message = pb.StreamStepBatchesRequest(steps=steps)
+    responses, code, details = drain(world.stub.StreamStepBatches(iter([message]), timeout=60))
+    world.record(code, "StreamStepBatches", details)
+    if message.ByteSize() > MAX_MESSAGE:  # the message as a whole is over the limit: nothing ran
+        assert code == EXHAUSTED and not responses, (code, details)
+        return
+    assert code == OK, (code, details)
+    results = {r.id: r for response in responses for r in response.results}
+    assert sorted(results) == [step_id for step_id, *_ in plans]  # every step answered, once
+    for step_id, request, tokens, replay, allowed in plans:  # in order: the model advances as the server did
+        result = results[step_id]
+        if result.HasField("response"):
+            assert allowed == {OK}, (allowed, request)
+            check_step_response(world, request, tokens or [], replay, result.response)
+        else:
+            error_code = CODE_OF[result.error.code]
+            world.record(error_code, "StreamStepBatches step", result.error.message)
+            assert error_code in allowed and error_code != OK, (error_code, result.error.message, allowed)
+            assert result.error.message
+            if error_code == ABORTED:
+                assert result.error.position == world.sessions[request.session_id].position
+
+
 # ---- raw bytes: malformed protobuf, invalid UTF-8, garbage -----------------------------------------------
 
 UNARY, SERVER_STREAM, BIDI = "unary", "server-stream", "bidi"
@@ -783,6 +836,8 @@ METHODS: dict[str, tuple[str, Any, tuple[int, ...], Any]] = {
     SERVICE + "Step": (UNARY, pb.StepRequest, (1, 3),
                        pb.StepRequest(session_id=RAW_ID, text="Hello", top_k=3, expected_position=0)),
     SERVICE + "StreamSteps": (BIDI, pb.StepRequest, (1, 3), pb.StepRequest(session_id=RAW_ID, tokens=[1, 2, 3])),
+    SERVICE + "StreamStepBatches": (BIDI, pb.StreamStepBatchesRequest, (), pb.StreamStepBatchesRequest(steps=[
+        pb.TaggedStep(id=7, request=pb.StepRequest(session_id=RAW_ID, tokens=[1, 2, 3]))])),
     SERVICE + "Generate": (SERVER_STREAM, pb.GenerateRequest, (1, 2, 9),
                            pb.GenerateRequest(session_id=RAW_ID, prompt_text="Hi", max_tokens=3, temperature=0.5,
                                               top_p=0.9, seed=1, stop=["x"])),
