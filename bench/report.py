@@ -433,10 +433,12 @@ def render_model_section(m: dict[str, Any], img_prefix: str) -> str:
                 for n, chunk in repeated_cells() for p in batched if (p["sessions"], p["chunk"]) == (n, chunk)]
         out += ["### Batched transport: the target cells over StreamStepBatches", "",
                 "The same server and closed loop, but the load generator's sessions share one "
-                "`StreamStepBatches` stream through the client library's `StepMultiplexer` (what a gateway "
-                "serving many users' sessions would do): steps asked for while a message is being written go "
-                "out together, and the answers of one engine step to the stream go back as one message. Each "
-                "served cell is followed by its offline cell, as above.", "",
+                "`StreamStepBatches` stream (what a gateway serving many users' sessions would do; the load "
+                "generator drives it on the generated stubs, as it does `StreamSteps`, so its own cost stays "
+                "small): steps asked for while a message is being written go out together, and the answers of "
+                "one engine step to the stream go back as one message. Each served cell is followed by its "
+                "offline cell, as above. The client library's `StepMultiplexer` does the same with typed "
+                "results; `lstm-bench load --transport multiplexer` measures it.", "",
                 table(["N", "chunk", "served tokens/s", "offline tokens/s", "served/offline", "p99 ms",
                        "server step p50 ms", "offline step p50 ms", "mean batch (served)", "client CPU %",
                        "errors"], rows), "",

@@ -58,8 +58,9 @@ class SweepConfig:
     # run's p99), so the targets read the median of all the pairs (five by default), not one.
     target_repeats: int = 4
     # The target cells again, each pair (1 + target_repeats of them) with the load generator's sessions
-    # sharing one StreamStepBatches stream (loadgen transport "batched", the client's StepMultiplexer)
-    # instead of a StreamSteps stream each: what a gateway multiplexing its users' sessions gets.
+    # sharing one StreamStepBatches stream (loadgen transport "batched": the client's StepMultiplexer's
+    # protocol on the generated stubs) instead of a StreamSteps stream each: what a gateway multiplexing
+    # its users' sessions gets.
     batched: bool = True
     server_cpus: str | None = None  # taskset -c for the server and the offline runs
     client_cpus: str | None = None  # CPU affinity of this process (the load generator)
