@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-tokens", type=int, default=32, help="generate: max_tokens per Generate")
     p.add_argument("--channels", type=int, default=1, help="gRPC connections to spread the sessions over")
     p.add_argument("--transport", choices=TRANSPORTS, default="streams",
-                   help="closed loop: one StreamSteps stream per session, or 'batched': the sessions share one "
-                        "StreamStepBatches stream per connection (the client's StepMultiplexer)")
+                   help="closed loop: 'streams', one StreamSteps stream per session; 'batched', the sessions "
+                        "share one StreamStepBatches stream per connection (driven on the generated stubs); "
+                        "'multiplexer', the same through the client library's StepMultiplexer")
     p.add_argument("--drain-timeout", type=float, default=LoadSpec.drain_timeout,
                    help="after the measured time, seconds to wait for answers still due (then they count as "
                         "DRAIN_TIMEOUT errors) and for the sessions' deletion: bounds a run against a server that "
