@@ -435,6 +435,17 @@ def _gone(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.CANCELLED
 
 
+async def _read_request(context: grpc.aio.ServicerContext) -> Any:
+    """The next message of a client stream, or None at its end; one that did not parse (see
+    service.malformed) raises MalformedRequestError."""
+    message = await context.read()
+    if message is grpc.aio.EOF:
+        return None
+    if isinstance(message, Malformed):
+        raise MalformedRequestError(message.message())
+    return message
+
+
 class _StepStream:
     """One StreamSteps call: a reader task submits requests as they arrive, run() answers them in order.
 
@@ -468,11 +479,9 @@ class _StepStream:
         engine = servicer.engine
         try:
             while True:
-                request = await self.context.read()
-                if request is grpc.aio.EOF:
+                request = await _read_request(self.context)
+                if request is None:
                     return
-                if isinstance(request, Malformed):
-                    raise MalformedRequestError(request.message())
                 tokens, expected, options = servicer._step_args(request)
                 size = engine.response_bytes(len(tokens), options)
                 while self.inflight and (  # (checked before submitting: the share and the total are bounds)
@@ -629,11 +638,9 @@ class _BatchStream:
         engine = servicer.engine
         try:
             while True:
-                message = await self.context.read()
-                if message is grpc.aio.EOF:
+                message = await _read_request(self.context)
+                if message is None:
                     return
-                if isinstance(message, Malformed):
-                    raise MalformedRequestError(message.message())
                 for tagged in message.steps:
                     step_id, request = tagged.id, tagged.request
                     if step_id in self.inflight:
