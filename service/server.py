@@ -446,7 +446,47 @@ async def _read_request(context: grpc.aio.ServicerContext) -> Any:
     return message
 
 
-class _StepStream:
+class _ClientStream:
+    """What StreamSteps and StreamStepBatches calls share: a reader task submits requests, and
+    run() writes answers, sleeping while there is none to write; the reader waits for room when
+    too much is in flight."""
+
+    def __init__(self, servicer: LstmServicer, context: grpc.aio.ServicerContext) -> None:
+        self.servicer = servicer
+        self.context = context
+        self.owner = servicer.principal(context)
+        self.reading = True  # the reader task has not ended
+        self.error: Exception | None = None  # why the reader ended early (a bad or malformed request)
+        self.waiter: asyncio.Future[None] | None = None  # set while run() sleeps with nothing to write
+        self.room: asyncio.Future[None] | None = None  # set while the reader waits for answers to go out
+
+    def _wake(self, _: object = None) -> None:
+        """Wake run() (also used as an engine future's done-callback)."""
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def _sleep(self) -> None:
+        """run(): wait for _wake()."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    async def _room_for_more(self) -> None:
+        """The reader: wait for _make_room() (an answer ready or written out)."""
+        self.room = asyncio.get_running_loop().create_future()
+        try:
+            await self.room
+        finally:
+            self.room = None
+
+    def _make_room(self) -> None:
+        if self.room is not None and not self.room.done():
+            self.room.set_result(None)
+
+
+class _StepStream(_ClientStream):
     """One StreamSteps call: a reader task submits requests as they arrive, run() answers them in order.
 
     The writer sleeps only when nothing is in flight; it is then woken by the done-callback of
@@ -455,24 +495,14 @@ class _StepStream:
     """
 
     def __init__(self, servicer: LstmServicer, context: grpc.aio.ServicerContext) -> None:
-        self.servicer = servicer
-        self.context = context
-        self.owner = servicer.principal(context)
+        super().__init__(servicer, context)
         # (engine future, scheduler item, its answer's size, its tokens) of each request not yet answered, in order
         self.inflight: deque[tuple[asyncio.Future[StepResult], Any, int, int]] = deque()
         self.pending_bytes = 0  # about how large the answers in `inflight` are
         self.pending_tokens = 0  # input tokens of the requests in `inflight`
         limits = servicer.engine.limits
         self.max_pending_tokens = max(limits.max_queued_tokens // QUEUE_SHARE, limits.max_tokens_per_request)
-        self.reading = True  # the reader task has not ended
-        self.error: Exception | None = None  # why the reader ended early (a bad or malformed request)
-        self.waiter: asyncio.Future[None] | None = None  # set while run() sleeps with nothing in flight
-        self.room: asyncio.Future[None] | None = None  # set while the reader waits for an answer to go out
         self.group = StepGroup()  # once a request fails, the engine drops the later ones
-
-    def _wake(self, _: object = None) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
 
     async def _read(self) -> None:
         servicer = self.servicer
@@ -507,35 +537,21 @@ class _StepStream:
             if not self.inflight:
                 self._wake()
 
-    async def _room_for_more(self) -> None:
-        """Wait until run() has written the next answer out."""
-        self.room = asyncio.get_running_loop().create_future()
-        try:
-            await self.room
-        finally:
-            self.room = None
-
     async def run(self) -> None:
         reader = asyncio.create_task(self._read())
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 if not self.inflight:
                     if not self.reading:
                         break
-                    self.waiter = loop.create_future()
-                    try:
-                        await self.waiter
-                    finally:
-                        self.waiter = None
+                    await self._sleep()
                     continue
                 result = await self.inflight[0][0]
                 _, _, size, n_tokens = self.inflight.popleft()
                 self.pending_bytes -= size
                 self.servicer.pending_answer_bytes -= size
                 self.pending_tokens -= n_tokens
-                if self.room is not None and not self.room.done():
-                    self.room.set_result(None)
+                self._make_room()
                 await self.context.write(_step_response(result))
             if self.error is not None:
                 raise self.error
@@ -575,7 +591,7 @@ def _step_error(error: Exception) -> pb.StepError:
     return message
 
 
-class _BatchStream:
+class _BatchStream(_ClientStream):
     """One StreamStepBatches call.
 
     The reader submits every step of a message as it arrives; a step's result is encoded when its
@@ -586,9 +602,7 @@ class _BatchStream:
     """
 
     def __init__(self, servicer: LstmServicer, context: grpc.aio.ServicerContext) -> None:
-        self.servicer = servicer
-        self.context = context
-        self.owner = servicer.principal(context)
+        super().__init__(servicer, context)
         # id -> (engine future, scheduler item, its answer's size, its tokens) of each step not yet answered
         self.inflight: dict[int, tuple[asyncio.Future[StepResult], Any, int, int]] = {}
         self.ready: list[bytes] = []  # encoded TaggedStepResults (with their field tag) waiting to be written
@@ -598,14 +612,6 @@ class _BatchStream:
         # A gateway's stream stands for many sessions: bounded by the engine's whole queue (which
         # refuses past it, per step) rather than one session's share of it.
         self.max_pending_tokens = servicer.engine.limits.max_queued_tokens
-        self.reading = True  # the reader task has not ended
-        self.error: Exception | None = None  # why the reader ended early (a malformed message)
-        self.waiter: asyncio.Future[None] | None = None  # set while run() sleeps with nothing to write
-        self.room: asyncio.Future[None] | None = None  # set while the reader waits for answers to go out
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
 
     def _queue(self, step_id: int, field: int, body: bytes, size: int) -> None:
         self.ready.append(_tagged(_RESULTS, bytes((_RESULT_ID,)) + wire.varint(step_id) + _tagged(field, body)))
@@ -630,8 +636,7 @@ class _BatchStream:
             answer = _step_response(future.result())
             body = answer if type(answer) is bytes else answer.SerializeToString()  # type: ignore[union-attr]
             self._queue(step_id, _RESULT_RESPONSE, body, size)
-        if self.room is not None and not self.room.done():
-            self.room.set_result(None)
+        self._make_room()
 
     async def _read(self) -> None:
         servicer = self.servicer
@@ -674,28 +679,15 @@ class _BatchStream:
             self.reading = False
             self._wake()
 
-    async def _room_for_more(self) -> None:
-        """Wait until an answer is ready or written out."""
-        self.room = asyncio.get_running_loop().create_future()
-        try:
-            await self.room
-        finally:
-            self.room = None
-
     async def run(self) -> None:
         reader = asyncio.create_task(self._read())
-        loop = asyncio.get_running_loop()
         servicer = self.servicer
         try:
             while True:
                 if not self.ready:
                     if not self.reading and (self.error is not None or not self.inflight):
                         break
-                    self.waiter = loop.create_future()
-                    try:
-                        await self.waiter
-                    finally:
-                        self.waiter = None
+                    await self._sleep()
                     continue
                 batch, size = b"".join(self.ready), self.ready_bytes
                 self.ready.clear()
@@ -703,8 +695,7 @@ class _BatchStream:
                 await self.context.write(batch)
                 self.pending_bytes -= size
                 servicer.pending_answer_bytes -= size
-                if self.room is not None and not self.room.done():
-                    self.room.set_result(None)
+                self._make_room()
             if self.error is not None:
                 raise self.error
         finally:
