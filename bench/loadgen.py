@@ -206,8 +206,15 @@ class Recorder:
         self.errors: Counter[str] = Counter()
         self.warmup_errors: Counter[str] = Counter()
 
-    def measured(self, t_send: float) -> bool:
-        return t_send >= self.warm_end
+    def send(self, t_send: float, deadline: float) -> bool | None:
+        """Whether a request sent at t_send is measured; None when none is to be sent (the run's
+        time or its request bound is spent)."""
+        if t_send >= deadline:
+            return None
+        measured = t_send >= self.warm_end
+        if measured and not self.take():
+            return None
+        return measured
 
     def take(self) -> bool:
         """Count one measured request against the request bound; False once it is spent."""
@@ -256,10 +263,8 @@ async def _closed_session(
     try:
         while True:
             t0 = now()
-            if t0 >= deadline:
-                break
-            measured = rec.measured(t0)
-            if measured and not rec.take():
+            measured = rec.send(t0, deadline)
+            if measured is None:
                 break
             if call is None:
                 call = stub.StreamSteps()
@@ -379,10 +384,8 @@ async def _closed_batched_session(
 ) -> None:
     while True:
         t0 = now()
-        if t0 >= deadline:
-            break
-        measured = rec.measured(t0)
-        if measured and not rec.take():
+        measured = rec.send(t0, deadline)
+        if measured is None:
             break
         try:
             n_outputs = await step(sid, src.next(chunk))
@@ -510,10 +513,8 @@ async def _open_loop(sessions: list[_OpenSession], spec: LoadSpec, rec: Recorder
     i = 0
     while True:
         t += rng.expovariate(spec.rate)
-        if t >= deadline:
-            break
-        measured = rec.measured(t)
-        if measured and not rec.take():
+        measured = rec.send(t, deadline)
+        if measured is None:
             break
         delay = t - now()
         if delay > 0:
@@ -538,10 +539,8 @@ async def _generate_session(
     rng = random.Random(seed)
     while True:
         t0 = now()
-        if t0 >= deadline:
-            break
-        measured = rec.measured(t0)
-        if measured and not rec.take():
+        measured = rec.send(t0, deadline)
+        if measured is None:
             break
         call = stub.Generate(
             pb.GenerateRequest(session_id=sid, prompt_tokens=src.next(spec.chunk), max_tokens=spec.generate_tokens,
