@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: install install-dev tools serve train proto lint check test bench soak
+.PHONY: install install-dev tools serve train proto lint check test bench bench-torchserve soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,15 @@ test: install-dev tools
 # The benchmark sweep (served vs offline vs unbatched); writes docs/benchmarks.md. Quick: ARGS=--quick
 bench: install
 	$(BIN)/lstm-bench sweep $(ARGS)
+
+# lstm-serve against TorchServe 0.12's sequence batching (on request; TorchServe needs Java 17).
+# TorchServe gets an environment of its own, so the project's never holds it.
+TORCHSERVE_VENV ?= $(HOME)/.cache/lstm-serve-bench/torchserve-venv
+bench-torchserve: install-dev
+	test -x $(TORCHSERVE_VENV)/bin/torchserve || { python3 -m venv $(TORCHSERVE_VENV) && \
+	  $(TORCHSERVE_VENV)/bin/pip install -q torch==2.13.0 torchserve==0.12.0 torch-model-archiver==0.12.0 \
+	  safetensors numpy pyyaml; }
+	$(BIN)/lstm-bench torchserve --venv $(TORCHSERVE_VENV) $(ARGS)
 
 # Long soak and other slow tests, on request only.
 soak: install-dev

@@ -8,6 +8,7 @@
     lstm-bench accuracy --dtypes bfloat16              a reduced-precision step's loss and log-prob drift
     lstm-bench pingpong --sessions 256 --chunk 1       the RPC floor: the same load against an echo server
     lstm-bench engine   --sessions 256 --chunk 1       the engine driven in-process: served minus gRPC
+    lstm-bench torchserve --venv DIR                   lstm-serve against TorchServe's sequence batching
     lstm-bench reference                               write the reference checkpoint, print its path
 """
 
@@ -27,6 +28,8 @@ from bench.models import cache_dir, reference_checkpoint, resolve_model
 from bench.spawn import SpawnedServer, parse_cpus
 from service import eventloop
 from service.config import DEVICE_RE
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def _ints(text: str) -> list[int]:
@@ -225,6 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
 
+    p = sub.add_parser("torchserve", help="lstm-serve against TorchServe 0.12's stateful sequence batching, "
+                       "side by side (needs a TorchServe environment: make bench-torchserve)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--venv", type=Path, required=True,
+                   help="a virtual environment with torchserve, torch-model-archiver, torch, safetensors, numpy")
+    p.add_argument("--model", default="reference", help="'reference', 'default' or a checkpoint directory")
+    p.add_argument("--cache-dir", default=str(cache_dir()))
+    p.add_argument("--sessions", type=_ints, default=[256], help="concurrent sessions (comma list)")
+    p.add_argument("--chunk", type=_positive, default=1, help="tokens per request")
+    p.add_argument("--batch-sizes", type=_ints, default=[64, 256], help="TorchServe batchSize values to run")
+    p.add_argument("--max-batch-delay-ms", type=_count, default=100, help="TorchServe's maxBatchDelay")
+    p.add_argument("--duration", type=_seconds, default=10.0, help="measured seconds per cell")
+    p.add_argument("--warmup", type=_seconds, default=3.0, help="seconds of load excluded from the statistics")
+    p.add_argument("--rounds", type=_positive, default=2, help="every server and cell once per round")
+    p.add_argument("--out", type=Path, default=DOCS / "benchmarks-torchserve.md")
+    p.add_argument("--json", type=Path, default=DOCS / "benchmarks-torchserve.json")
+
     p = sub.add_parser("reference", help="write the reference checkpoint (if missing) and print its path")
     p.add_argument("--cache-dir", default=str(cache_dir()))
     return parser
@@ -384,6 +404,24 @@ def cmd_engine(args: argparse.Namespace) -> int:
     return 1 if any(r["mismatches"] for r in results) else 0
 
 
+def cmd_torchserve(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.torchserve.compare import ComparisonConfig, render_comparison, run_comparison
+
+    cfg = ComparisonConfig(venv=args.venv, checkpoint=resolve_model(args.model, Path(args.cache_dir)),
+                           model_label=args.model, sessions=args.sessions, chunk=args.chunk,
+                           batch_sizes=args.batch_sizes, max_batch_delay_ms=args.max_batch_delay_ms,
+                           duration=args.duration, warmup=args.warmup, rounds=args.rounds)
+    result = run_comparison(cfg)
+    md = render_comparison(result)
+    print(md)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(md)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 1 if any(c["error_count"] for c in result["cells"]) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -403,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pingpong(args)
         if args.command == "engine":
             return cmd_engine(args)
+        if args.command == "torchserve":
+            return cmd_torchserve(args)
         print(reference_checkpoint(Path(args.cache_dir)))
         return 0
     except BenchError as e:
