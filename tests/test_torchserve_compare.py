@@ -74,9 +74,11 @@ def test_handler_refuses_more_sequences_than_its_capacity(tiny_checkpoint: Path)
         _batch(handler, ctx, [("one-too-many", [1])])
 
 
-async def _serve_stream_predictions2(fail_token: int) -> tuple[grpc.aio.Server, int, list[Any]]:
+async def _serve_stream_predictions2(fail_token: int, hang_sequence: str = "") -> tuple[grpc.aio.Server, int,
+                                                                                        list[Any]]:
     """A StreamPredictions2 server for the test: answers each request with one top-5 per input
-    token, or with a failed status when the request holds fail_token."""
+    token, or with a failed status when the request holds fail_token; never answers the
+    sequence hang_sequence."""
     pb, pb_grpc = _stubs()
     seen: list[Any] = []
 
@@ -84,6 +86,8 @@ async def _serve_stream_predictions2(fail_token: int) -> tuple[grpc.aio.Server, 
         async def StreamPredictions2(self, request_iterator: Any, context: Any) -> Any:
             async for request in request_iterator:
                 seen.append(request)
+                if request.sequenceId == hang_sequence:
+                    await asyncio.Event().wait()
                 tokens = json.loads(request.input["data"])
                 if fail_token in tokens:
                     yield pb.PredictionResponse(status=pb.Status(code=13, message="failed"))
@@ -118,6 +122,22 @@ def test_sequence_load_drives_stream_predictions2_a_stream_and_a_sequence_id_per
     assert failing > 0
     assert result["errors"].get("status 13", 0) > 0
     assert result["latency_ms"]["count"] == result["requests"]
+
+
+def test_sequence_load_counts_each_session_left_without_an_answer() -> None:
+    load = SequenceLoad(target="", vocab_size=65, sessions=3, chunk=1, duration=0.5, warmup=0.1, drain_timeout=0.5)
+
+    async def scenario() -> dict[str, Any]:
+        server, port, _ = await _serve_stream_predictions2(fail_token=-1, hang_sequence=f"{load.sequence_prefix}1")
+        try:
+            load.target = f"127.0.0.1:{port}"
+            return await run_sequence_load(load)
+        finally:
+            await server.stop(None)
+
+    result = asyncio.run(scenario())
+    assert result["errors"] == {"DRAIN_TIMEOUT": 1}
+    assert result["requests"] > 0  # the other two sessions went on
 
 
 def test_render_comparison_gives_each_lstm_serve_cell_against_torchserves_best() -> None:

@@ -260,12 +260,14 @@ async def run_sequence_load(load: SequenceLoad) -> dict[str, Any]:
         warm_end = start + load.warmup
         deadline = warm_end + load.duration
         rec = Recorder(warm_end, 0, deadline)
-        sessions = [_sequence(stub, pb, f"{load.sequence_prefix}{i}", TokenSource(pool, rng.randrange(len(pool))),
-                              load, rec, deadline) for i in range(load.sessions)]
-        try:
-            await asyncio.wait_for(asyncio.gather(*sessions), timeout=deadline - start + load.drain_timeout)
-        except asyncio.TimeoutError:
+        sessions = [asyncio.ensure_future(_sequence(stub, pb, f"{load.sequence_prefix}{i}",
+                                                    TokenSource(pool, rng.randrange(len(pool))), load, rec, deadline))
+                    for i in range(load.sessions)]
+        _, unanswered = await asyncio.wait(sessions, timeout=deadline - start + load.drain_timeout)
+        for task in unanswered:  # a request still unanswered drain_timeout after the window
             rec.error("DRAIN_TIMEOUT", True)
+            task.cancel()
+        await asyncio.gather(*sessions, return_exceptions=True)
         end = time.perf_counter()
         cpu = time.process_time() - cpu0
     window = max(rec.window_end - rec.warm_end, 1e-9)
@@ -316,6 +318,7 @@ def run_comparison(cfg: ComparisonConfig) -> dict[str, Any]:
     from bench.report import machine_info
     from bench.spawn import SpawnedServer
 
+    machine = machine_info()  # (before the load: its load average says how quiet the machine was)
     size = vocab_size(cfg.checkpoint)
     cells: list[dict[str, Any]] = []
 
@@ -346,7 +349,7 @@ def run_comparison(cfg: ComparisonConfig) -> dict[str, Any]:
                     r.update(server=label, round=round_)
                     cells.append(r)
                     log(r)
-    return {"machine": machine_info(), "config": {**cfg.__dict__, "venv": str(cfg.venv),
+    return {"machine": machine, "config": {**cfg.__dict__, "venv": str(cfg.venv),
                                                    "checkpoint": str(cfg.checkpoint)}, "cells": cells}
 
 
