@@ -246,6 +246,15 @@ class Recorder:
     def error(self, code: str, measured: bool) -> None:
         (self.errors if measured else self.warmup_errors)[code] += 1
 
+    def rates(self) -> tuple[float, float, float]:
+        """(measured window in seconds, tokens/s, requests/s): what completed inside the window."""
+        window = max(self.window_end - self.warm_end, 0.0)
+        if window <= 0:
+            return window, 0.0, 0.0
+        tokens = sum(n for t, n in self.tokens_at if t < self.window_end)
+        done = sum(1 for t in self.done_at if t < self.window_end)
+        return window, tokens / window, done / window
+
 
 def _code(e: BaseException) -> str:
     if isinstance(e, grpc.aio.AioRpcError):
@@ -705,9 +714,7 @@ async def run_load(spec: LoadSpec) -> dict[str, Any]:
 
 
 def _result(spec: LoadSpec, rec: Recorder, info: Any, start: float, end: float, cpu: float) -> dict[str, Any]:
-    window = max(rec.window_end - rec.warm_end, 0.0)
-    done_in_window = sum(1 for t in rec.done_at if t < rec.window_end)
-    tokens_in_window = sum(n for t, n in rec.tokens_at if t < rec.window_end)
+    window, tokens_per_s, requests_per_s = rec.rates()
     spec_d = asdict(spec)
     return {
         "kind": "load",
@@ -727,8 +734,8 @@ def _result(spec: LoadSpec, rec: Recorder, info: Any, start: float, end: float, 
         "requests": rec.requests,
         "tokens": rec.tokens,
         "warmup_requests": rec.warmup_requests,
-        "tokens_per_s": tokens_in_window / window if window > 0 else 0.0,
-        "requests_per_s": done_in_window / window if window > 0 else 0.0,
+        "tokens_per_s": tokens_per_s,
+        "requests_per_s": requests_per_s,
         "latency_ms": summarize_ms(rec.latencies),
         "latency_cdf_ms": cdf_points_ms(rec.latencies),
         "latency_timeline_ms": timeline_ms(rec.sent_at, rec.latencies, rec.warm_end),

@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 
 from bench.loadgen import BenchError, Recorder, TokenSource, token_pool
+from bench.spawn import pid_cpu_seconds
 from bench.stats import summarize_ms
 from model.checkpoint import read_meta
 
@@ -147,23 +148,28 @@ class TorchServe:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def _group(self) -> list[tuple[int, float]]:
-        """(pid, CPU seconds so far) of every process in TorchServe's process group."""
+    def _group(self) -> list[int]:
+        """The live processes of TorchServe's process group (the launcher, the Java frontend, the worker)."""
         assert self.proc is not None
         found = []
-        ticks = os.sysconf("SC_CLK_TCK")
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 fields = stat.read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
             if int(fields[2]) == self.proc.pid and fields[0] != "Z":  # (a zombie is gone but for its parent)
-                found.append((int(stat.parent.name), (int(fields[11]) + int(fields[12])) / ticks))
+                found.append(int(stat.parent.name))
         return found
 
     def cpu_seconds(self) -> float:
         """CPU time of the frontend and its worker so far."""
-        return sum(cpu for _, cpu in self._group())
+        total = 0.0
+        for pid in self._group():
+            try:
+                total += pid_cpu_seconds(pid)
+            except OSError:  # (exited since)
+                pass
+        return total
 
     def stop(self) -> None:
         if self.proc is None:
@@ -270,12 +276,12 @@ async def run_sequence_load(load: SequenceLoad) -> dict[str, Any]:
         await asyncio.gather(*sessions, return_exceptions=True)
         end = time.perf_counter()
         cpu = time.process_time() - cpu0
-    window = max(rec.window_end - rec.warm_end, 1e-9)
+    _, tokens_per_s, requests_per_s = rec.rates()
     return {
         "sessions": load.sessions,
         "chunk": load.chunk,
-        "tokens_per_s": sum(n for t, n in rec.tokens_at if t < rec.window_end) / window,
-        "requests_per_s": sum(1 for t in rec.done_at if t < rec.window_end) / window,
+        "tokens_per_s": tokens_per_s,
+        "requests_per_s": requests_per_s,
         "requests": rec.requests,
         "latency_ms": summarize_ms(rec.latencies),
         "errors": dict(sorted(rec.errors.items())),
@@ -304,7 +310,6 @@ class ComparisonConfig:
 
 def _lstm_serve_cell(target: str, pid: int, n: int, cfg: ComparisonConfig, transport: str) -> dict[str, Any]:
     from bench.loadgen import LoadSpec, run_load
-    from bench.spawn import pid_cpu_seconds
     from service import eventloop
 
     t0, cpu0 = time.perf_counter(), pid_cpu_seconds(pid)
